@@ -1,0 +1,5 @@
+import sys
+
+from blockd.cli import main
+
+sys.exit(main())

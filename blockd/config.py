@@ -1,0 +1,490 @@
+"""The TOML configuration: parsing, validation, and the embedded default.
+
+Every problem is collected (not just the first) and named by its key, e.g.
+"blockd.toml: groups.gov.networks[1]: '10.0.0.0/33' is not a valid network".  Relative
+paths are relative to the config file's directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blockd.classify import IPNetwork
+from blockd.names import InvalidNameError, normalize
+
+ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused", "monitor")
+BLOCKING_ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused")
+QUERY_LOG_MODES = ("none", "blocked", "all")
+CLIENT_IP_MODES = ("full", "truncate", "hash")
+
+DEFAULT_ALLOW = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+)
+
+EMBEDDED_DEFAULT = """\
+# blockd's embedded default: DNS on 127.0.0.1:5353, upstreams from /etc/resolv.conf, and the
+# shipped TikTok/ByteDance/DoH-bypass lists blocking for every client.
+[server]
+listen = ["127.0.0.1:5353"]
+
+[metrics]
+listen = "127.0.0.1:9553"
+
+[lists.tiktok]
+path = "domains/tiktok.txt"
+
+[lists.bytedance]
+path = "domains/bytedance.txt"
+
+[lists.doh-bypass]
+path = "domains/doh-bypass.txt"
+action = "nxdomain"          # a sinkhole address would tell Firefox that DoH is allowed
+
+[groups.everyone]
+networks = ["0.0.0.0/0", "::/0"]
+lists = ["tiktok", "bytedance", "doh-bypass"]
+action = "sinkhole"
+"""
+EMBEDDED_NAME = "<embedded default>"
+
+
+class ConfigError(Exception):
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 5353),)
+    allow: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in DEFAULT_ALLOW)
+    pidfile: Path | None = None
+    tcp_idle_timeout: float = 10.0
+    tcp_max_connections: int = 1000
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    servers: tuple[Endpoint, ...] = ()
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Endpoint | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    queries: str = "blocked"
+    path: str = "-"
+    client_ip: str = "full"
+
+
+@dataclass(frozen=True)
+class ListConfig:
+    name: str
+    path: Path
+    action: str | None = None
+    allow_shrink: bool = False
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    name: str
+    networks: tuple[IPNetwork, ...] = ()
+    lists: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+    action: str = "sinkhole"
+    ttl: int = 300
+    sinkhole_ipv4: ipaddress.IPv4Address = ipaddress.IPv4Address("0.0.0.0")
+    sinkhole_ipv6: ipaddress.IPv6Address = ipaddress.IPv6Address("::")
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    lists: dict[str, ListConfig] = field(default_factory=dict)
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
+
+
+def shipped_base_dir() -> Path:
+    """Where the shipped domains/ lives: a source checkout, or the installed data files."""
+    override = os.environ.get("BLOCKD_DATA_DIR")
+    candidates = [Path(override)] if override else []
+    candidates += [
+        Path(__file__).resolve().parent.parent,
+        Path(sys.prefix) / "share" / "blockd",
+        Path("/usr/share/blockd"),
+    ]
+    for base in candidates:
+        if (base / "domains" / "tiktok.txt").is_file():
+            return base
+    return candidates[0]
+
+
+def read_resolv_conf(path: Path = Path("/etc/resolv.conf")) -> list[Endpoint]:
+    servers = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                address = ipaddress.ip_address(fields[1].split("%", 1)[0])
+            except ValueError:
+                continue
+            servers.append(Endpoint(str(address), 53))
+    return servers
+
+
+def load_config(path: Path | None, resolv_conf: Path = Path("/etc/resolv.conf")) -> Config:
+    """Load a config file, or the embedded default when path is None.  Raises ConfigError."""
+    if path is None:
+        return parse_config(EMBEDDED_DEFAULT, EMBEDDED_NAME, shipped_base_dir(), resolv_conf)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{path}: cannot read config: {reason}"]) from None
+    return parse_config(text, str(path), path.resolve().parent, resolv_conf)
+
+
+def parse_config(text: str, source: str, base_dir: Path, resolv_conf: Path = Path("/etc/resolv.conf")) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
+    parser = _Parser(source, base_dir)
+    config = parser.parse(data, resolv_conf)
+    if parser.errors:
+        raise ConfigError(parser.errors)
+    return config
+
+
+_MISSING = object()
+
+
+class _Parser:
+    def __init__(self, source: str, base_dir: Path):
+        self.source = source
+        self.base_dir = base_dir
+        self.errors: list[str] = []
+
+    def error(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.source}: {key}: {message}")
+
+    # -- generic value checks -------------------------------------------------------------
+
+    def table(self, data: dict[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        """The top-level section `key` of data, with unknown keys reported."""
+        return self.known_keys(data.get(key, {}), key, allowed)
+
+    def known_keys(self, value: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.error(key, f"must be a table, not {_type_name(value)}")
+            return {}
+        for name in value:
+            if name not in allowed:
+                self.error(f"{key}.{name}", f"unknown key (known: {', '.join(allowed)})")
+        return value
+
+    def string(self, table: dict[str, Any], key: str, name: str, default: Any, choices: tuple[str, ...] = ()) -> Any:
+        value = table.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            self.error(f"{key}.{name}", f"must be a string, not {_type_name(value)}")
+            return default
+        if choices and value not in choices:
+            self.error(f"{key}.{name}", f"{value!r} is not one of {', '.join(choices)}")
+            return default
+        return value
+
+    def number(
+        self, table: dict[str, Any], key: str, name: str, default: Any, low: float, high: float, integer: bool = False
+    ) -> Any:
+        value = table.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            self.error(f"{key}.{name}", f"must be {'an integer' if integer else 'a number'}, not {_type_name(value)}")
+            return default
+        if not low <= value <= high:
+            self.error(f"{key}.{name}", f"{value} is out of range {low}..{high}")
+            return default
+        return value
+
+    def boolean(self, table: dict[str, Any], key: str, name: str, default: bool) -> bool:
+        value = table.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.error(f"{key}.{name}", f"must be true or false, not {_type_name(value)}")
+            return default
+        return value
+
+    def string_list(self, table: dict[str, Any], key: str, name: str) -> list[tuple[str, str]] | None:
+        """(key path, value) pairs, or None when absent."""
+        value = table.get(name, _MISSING)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, list):
+            self.error(f"{key}.{name}", f"must be a list of strings, not {_type_name(value)}")
+            return []
+        items = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                self.error(f"{key}.{name}[{index}]", f"must be a string, not {_type_name(item)}")
+            else:
+                items.append((f"{key}.{name}[{index}]", item))
+        return items
+
+    def networks(self, table: dict[str, Any], key: str, name: str) -> tuple[IPNetwork, ...] | None:
+        items = self.string_list(table, key, name)
+        if items is None:
+            return None
+        networks = []
+        for item_key, text in items:
+            try:
+                networks.append(ipaddress.ip_network(text, strict=True))
+            except ValueError as exc:
+                try:
+                    ipaddress.ip_network(text, strict=False)
+                    reason = "host bits set; did you mean " + str(ipaddress.ip_network(text, strict=False)) + "?"
+                except ValueError:
+                    reason = str(exc)
+                self.error(item_key, f"{text!r} is not a valid network: {reason}")
+        return tuple(networks)
+
+    def endpoint(self, item_key: str, text: str, default_port: int) -> Endpoint | None:
+        host, port = text, default_port
+        if text.startswith("["):
+            close = text.find("]")
+            if close < 0:
+                self.error(item_key, f"{text!r}: missing ']'")
+                return None
+            host, rest = text[1:close], text[close + 1 :]
+            if rest:
+                if not rest.startswith(":") or not rest[1:].isdigit():
+                    self.error(item_key, f"{text!r}: expected [address]:port")
+                    return None
+                port = int(rest[1:])
+        elif text.count(":") == 1:
+            host, _, port_text = text.partition(":")
+            if not port_text.isdigit():
+                self.error(item_key, f"{text!r}: port must be a number")
+                return None
+            port = int(port_text)
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            self.error(item_key, f"{text!r}: {host!r} is not an IP address")
+            return None
+        if not 0 < port < 65536:
+            self.error(item_key, f"{text!r}: port {port} out of range 1..65535")
+            return None
+        return Endpoint(str(address), port)
+
+    def path(self, text: str) -> Path:
+        candidate = Path(text)
+        return candidate if candidate.is_absolute() else self.base_dir / candidate
+
+    # -- sections ---------------------------------------------------------------------------
+
+    def parse(self, data: dict[str, Any], resolv_conf: Path) -> Config:
+        known = ("server", "upstream", "metrics", "log", "lists", "groups")
+        for name in data:
+            if name not in known:
+                self.error(name, f"unknown section (known: {', '.join(known)})")
+        server = self.server(data)
+        upstream = self.upstream(data, resolv_conf)
+        metrics = self.metrics(data)
+        log = self.log(data)
+        lists = self.lists(data)
+        groups = self.groups(data, lists)
+        return Config(self.source, server, upstream, metrics, log, lists, groups)
+
+    def server(self, data: dict[str, Any]) -> ServerConfig:
+        key = "server"
+        table = self.table(data, key, ("listen", "allow", "pidfile", "tcp_idle_timeout", "tcp_max_connections"))
+        defaults = ServerConfig()
+        listen = defaults.listen
+        items = self.string_list(table, key, "listen")
+        if items is not None:
+            endpoints = [self.endpoint(k, v, 53) for k, v in items]
+            listen = tuple(e for e in endpoints if e is not None)
+            if not items:
+                self.error(f"{key}.listen", "must name at least one address")
+        allow = self.networks(table, key, "allow")
+        pidfile = self.string(table, key, "pidfile", None)
+        return ServerConfig(
+            listen=listen,
+            allow=defaults.allow if allow is None else allow,
+            pidfile=self.path(pidfile) if pidfile else None,
+            tcp_idle_timeout=self.number(table, key, "tcp_idle_timeout", defaults.tcp_idle_timeout, 0.1, 3600),
+            tcp_max_connections=self.number(
+                table, key, "tcp_max_connections", defaults.tcp_max_connections, 1, 100000, integer=True
+            ),
+        )
+
+    def upstream(self, data: dict[str, Any], resolv_conf: Path) -> UpstreamConfig:
+        key = "upstream"
+        table = self.table(data, key, ("servers", "timeout"))
+        items = self.string_list(table, key, "servers")
+        if items is None:
+            servers = tuple(read_resolv_conf(resolv_conf))
+            if not servers:
+                self.error(f"{key}.servers", f"not set, and {resolv_conf} names no nameserver")
+        else:
+            servers = tuple(e for e in (self.endpoint(k, v, 53) for k, v in items) if e is not None)
+            if not items:
+                self.error(f"{key}.servers", "must name at least one upstream resolver")
+        timeout = self.number(table, key, "timeout", UpstreamConfig.timeout, 0.05, 30)
+        return UpstreamConfig(servers=servers, timeout=timeout)
+
+    def metrics(self, data: dict[str, Any]) -> MetricsConfig:
+        key = "metrics"
+        table = self.table(data, key, ("listen",))
+        text = self.string(table, key, "listen", None)
+        if not text:
+            return MetricsConfig(listen=None)
+        return MetricsConfig(listen=self.endpoint(f"{key}.listen", text, 9553))
+
+    def log(self, data: dict[str, Any]) -> LogConfig:
+        key = "log"
+        table = self.table(data, key, ("queries", "path", "client_ip"))
+        defaults = LogConfig()
+        path = self.string(table, key, "path", defaults.path)
+        if path != "-" and path:
+            path = str(self.path(path))
+        return LogConfig(
+            queries=self.string(table, key, "queries", defaults.queries, QUERY_LOG_MODES),
+            path=path or "-",
+            client_ip=self.string(table, key, "client_ip", defaults.client_ip, CLIENT_IP_MODES),
+        )
+
+    def lists(self, data: dict[str, Any]) -> dict[str, ListConfig]:
+        lists_table = data.get("lists", {})
+        if not isinstance(lists_table, dict):
+            self.error("lists", f"must be a table of lists, not {_type_name(lists_table)}")
+            return {}
+        result = {}
+        for name, value in lists_table.items():
+            key = f"lists.{name}"
+            if not isinstance(value, dict):
+                self.error(key, f"must be a table, not {_type_name(value)}")
+                continue
+            table = self.known_keys(value, key, ("path", "action", "allow_shrink"))
+            if "path" not in table:
+                self.error(f"{key}.path", "missing (the list file to load)")
+                continue
+            path = self.string(table, key, "path", None)
+            if path is None:
+                continue
+            result[name] = ListConfig(
+                name=name,
+                path=self.path(path),
+                action=self.string(table, key, "action", None, ACTIONS),
+                allow_shrink=self.boolean(table, key, "allow_shrink", False),
+            )
+        return result
+
+    def groups(self, data: dict[str, Any], lists: dict[str, ListConfig]) -> dict[str, GroupConfig]:
+        groups_table = data.get("groups", {})
+        if not isinstance(groups_table, dict):
+            self.error("groups", f"must be a table of groups, not {_type_name(groups_table)}")
+            return {}
+        raw_lists = data.get("lists", {}) if isinstance(data.get("lists", {}), dict) else {}
+        result = {}
+        for name, value in groups_table.items():
+            key = f"groups.{name}"
+            if not isinstance(value, dict):
+                self.error(key, f"must be a table, not {_type_name(value)}")
+                continue
+            table = self.known_keys(
+                value,
+                key,
+                ("networks", "lists", "allow", "action", "ttl", "sinkhole_ipv4", "sinkhole_ipv6"),
+            )
+            networks = self.networks(table, key, "networks") or ()
+            if "networks" not in table:
+                self.error(f"{key}.networks", "missing (which clients belong to this group)")
+            list_names = []
+            for item_key, list_name in self.string_list(table, key, "lists") or []:
+                if list_name not in raw_lists:
+                    known = ", ".join(raw_lists) or "none defined"
+                    self.error(item_key, f"unknown list {list_name!r} (defined lists: {known})")
+                elif list_name in lists:
+                    list_names.append(list_name)
+            allow = []
+            for item_key, text in self.string_list(table, key, "allow") or []:
+                try:
+                    allow.append(normalize(text))
+                except InvalidNameError as exc:
+                    self.error(item_key, str(exc))
+            sinkhole_ipv4 = self.address(table, key, "sinkhole_ipv4", 4) or GroupConfig.sinkhole_ipv4
+            sinkhole_ipv6 = self.address(table, key, "sinkhole_ipv6", 6) or GroupConfig.sinkhole_ipv6
+            result[name] = GroupConfig(
+                name=name,
+                networks=networks,
+                lists=tuple(list_names),
+                allow=tuple(allow),
+                action=self.string(table, key, "action", GroupConfig.action, ACTIONS),
+                ttl=self.number(table, key, "ttl", GroupConfig.ttl, 0, 2**31 - 1, integer=True),
+                sinkhole_ipv4=sinkhole_ipv4,
+                sinkhole_ipv6=sinkhole_ipv6,
+            )
+        return result
+
+    def address(self, table: dict[str, Any], key: str, name: str, version: int) -> Any:
+        text = self.string(table, key, name, None)
+        if text is None:
+            return None
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            self.error(f"{key}.{name}", f"{text!r} is not an IP address")
+            return None
+        if address.version != version:
+            self.error(f"{key}.{name}", f"{text!r} is not an IPv{version} address")
+            return None
+        return address
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "a table",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,133 @@
+"""Domain list files: parse every supported line format into a set of lookup keys.
+
+Formats (one entry per line, mixable in one file):
+  plain           tiktok.com
+  hosts file      0.0.0.0 tiktok.com tiktokv.com     (any IP address first; several names allowed)
+  adblock         ||tiktok.com^
+  wildcard        *.tiktok.com
+Lines starting with "#" or "!" are comments, as is " #..." after an entry; "[Adblock Plus 2.0]"
+style headers are ignored.  Every entry blocks itself and all its subdomains, so "*.name" and
+"name" mean the same.  Every invalid line is reported with file:line; a list with any error is
+refused as a whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockd.names import InvalidNameError, normalize
+
+# Names found in stock hosts files that must never become block entries.
+_HOSTS_BOILERPLATE = frozenset(
+    {
+        "localhost",
+        "localhost.localdomain",
+        "local",
+        "broadcasthost",
+        "ip6-localhost",
+        "ip6-loopback",
+        "ip6-localnet",
+        "ip6-mcastprefix",
+        "ip6-allnodes",
+        "ip6-allrouters",
+        "ip6-allhosts",
+        "0.0.0.0",
+    }
+)
+
+
+@dataclass(frozen=True)
+class LineError:
+    path: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        if self.line <= 0:
+            return f"{self.path}: {self.message}"
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+@dataclass(frozen=True)
+class DomainList:
+    name: str
+    path: str
+    domains: frozenset[str]
+
+
+class ListLoadError(Exception):
+    def __init__(self, errors: list[LineError]):
+        super().__init__("\n".join(str(e) for e in errors))
+        self.errors = errors
+
+
+def parse_line(text: str) -> list[str]:
+    """The keys named by one line (empty for comments/blank lines).  Raises InvalidNameError."""
+    line = text.strip()
+    if not line or line[0] in "#!":
+        return []
+    if line.startswith("[") and line.endswith("]"):
+        return []
+    hash_at = line.find(" #")
+    if hash_at < 0:
+        hash_at = line.find("\t#")
+    if hash_at >= 0:
+        line = line[:hash_at].rstrip()
+    if line.startswith("@@"):
+        raise InvalidNameError("exception rules (@@) are not supported in a block list; use a group's 'allow'")
+    if line.startswith("||"):
+        body = line[2:]
+        if "$" in body:
+            raise InvalidNameError(f"adblock modifiers are not supported: {line!r}")
+        if not body.endswith("^"):
+            raise InvalidNameError(f"adblock rule must end with '^': {line!r}")
+        return [_entry(body[:-1])]
+    fields = line.split()
+    if len(fields) > 1:
+        try:
+            ipaddress.ip_address(fields[0])
+        except ValueError:
+            raise InvalidNameError(f"expected one domain per line or a hosts-file line, got {line!r}") from None
+        return [_entry(name) for name in fields[1:] if name.lower() not in _HOSTS_BOILERPLATE]
+    return [_entry(fields[0])]
+
+
+def _entry(raw: str) -> str:
+    if raw.startswith("*."):
+        raw = raw[2:]
+    if "*" in raw:
+        raise InvalidNameError(f"wildcards are only supported as a leading '*.': {raw!r}")
+    key = normalize(raw)
+    if "." not in key:
+        raise InvalidNameError(f"refusing to block the whole top-level domain {key!r}")
+    return key
+
+
+def parse_lines(lines: Iterable[str], path: str) -> tuple[set[str], list[LineError]]:
+    """Parse lines, collecting every error instead of stopping at the first."""
+    domains: set[str] = set()
+    errors: list[LineError] = []
+    for number, text in enumerate(lines, start=1):
+        try:
+            domains.update(parse_line(text))
+        except InvalidNameError as exc:
+            errors.append(LineError(path, number, str(exc)))
+    return domains, errors
+
+
+def load_list(name: str, path: Path, display_path: str | None = None) -> DomainList:
+    """Read and parse one list file; raises ListLoadError naming file:line for every bad line."""
+    shown = display_path or str(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            domains, errors = parse_lines(handle, shown)
+    except UnicodeDecodeError as exc:
+        raise ListLoadError([LineError(shown, 0, f"not UTF-8 text: {exc.reason}")]) from None
+    except OSError as exc:
+        raise ListLoadError([LineError(shown, 0, f"cannot read list: {exc.strerror or exc}")]) from None
+    if errors:
+        raise ListLoadError(errors)
+    return DomainList(name=name, path=shown, domains=frozenset(domains))

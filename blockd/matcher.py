@@ -1,0 +1,85 @@
+"""Suffix matching of query names against many lists at once.
+
+One dict maps every listed key to a bitmask of the lists that contain it, so a million names
+across several lists and groups are stored once.  A lookup walks the name's ancestors
+("a.tiktok.com", "tiktok.com", "com") and stops at the most specific listed one that a
+group's mask selects: a few dict probes per query, independent of list size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from blockd.lists import DomainList
+
+
+@dataclass(frozen=True)
+class Match:
+    list_name: str
+    domain: str  # the listed name that matched (an ancestor of, or equal to, the query name)
+
+
+class DomainIndex:
+    """Every list's names, indexed for ancestor lookups."""
+
+    def __init__(self, lists: Sequence[DomainList]):
+        self.list_names: list[str] = [lst.name for lst in lists]
+        self.bit_of: dict[str, int] = {}
+        masks: dict[str, int] = {}
+        for index, lst in enumerate(lists):
+            bit = 1 << index
+            self.bit_of[lst.name] = bit
+            get = masks.get
+            for domain in lst.domains:
+                masks[domain] = get(domain, 0) | bit
+        self._masks = masks
+
+    def mask_for(self, list_names: Sequence[str]) -> int:
+        mask = 0
+        for name in list_names:
+            mask |= self.bit_of[name]
+        return mask
+
+    def lookup(self, key: str, mask: int, order: Sequence[int]) -> Match | None:
+        """Most specific listed ancestor of key among the lists in mask.
+
+        order: the list indices in the group's priority order, used to name one list when
+        several of the group's lists contain the same name.
+        """
+        masks = self._masks
+        name = key
+        while True:
+            found = masks.get(name)
+            if found is not None and found & mask:
+                hit = found & mask
+                for index in order:
+                    if hit >> index & 1:
+                        return Match(self.list_names[index], name)
+            dot = name.find(".")
+            if dot < 0:
+                return None
+            name = name[dot + 1 :]
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+
+class SuffixSet:
+    """A plain set of keys matched by ancestor (for allowlists)."""
+
+    def __init__(self, keys: frozenset[str] | set[str]):
+        self._keys = frozenset(keys)
+
+    def contains(self, key: str) -> bool:
+        if not self._keys:
+            return False
+        keys = self._keys
+        name = key
+        while True:
+            if name in keys:
+                return True
+            dot = name.find(".")
+            if dot < 0:
+                return False
+            name = name[dot + 1 :]

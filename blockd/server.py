@@ -1,0 +1,151 @@
+"""DNS listeners: UDP datagrams and TCP streams (RFC 7766) feeding the Resolver.
+
+The server writes every answer exactly once.  TCP clients may pipeline several queries on one
+connection; answers go back as they complete (RFC 7766 6.2.1.1 allows any order).  An idle
+connection is closed after `server.tcp_idle_timeout`, never while one of its queries is
+still being answered.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from blockd.resolver import Resolver
+
+_log = Logger()
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+class DNSDatagramProtocol(protocol.DatagramProtocol):
+    noisy = False
+
+    def __init__(self, resolver: Resolver):
+        self.resolver = resolver
+
+    def startProtocol(self) -> None:  # noqa: N802 (Twisted API)
+        # A deep receive queue absorbs bursts instead of dropping them in the kernel.
+        try:
+            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        except (AttributeError, OSError):
+            pass
+
+    def datagramReceived(self, data: bytes, addr: tuple[Any, ...]) -> None:  # noqa: N802 (Twisted API)
+        try:
+            result = self.resolver.handle(data, addr[0], "udp")
+        except Exception:  # noqa: BLE001 - one bad packet must never stop the listener
+            _log.failure("query from {client} failed", client=addr[0])
+            return
+        if result is None:
+            return
+        if isinstance(result, bytes):
+            self._send(result, addr)
+        else:
+            result.addCallback(self._send, addr)
+            result.addErrback(lambda failure: _log.failure("answer to {client} failed", failure, client=addr[0]))
+
+    def _send(self, answer: bytes | None, addr: tuple[Any, ...]) -> None:
+        if answer is None:
+            return
+        try:
+            self.transport.write(answer, addr)
+        except OSError as exc:
+            self.resolver.metrics.count_drop("send_error")
+            _log.warn("cannot send answer to {client}: {error}", client=addr[0], error=exc)
+
+
+class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
+    max_pending = 64  # per connection; beyond this we stop reading until answers go out
+
+    def __init__(self, factory: DNSStreamFactory):
+        self.factory = factory
+        self.buffer = b""
+        self.pending = 0
+        self.paused = False
+        self.client = ""
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        self.callLater = self.factory.clock.callLater  # TimeoutMixin's timer, injectable for tests
+        self.client = self.transport.getPeer().host
+        self.factory.connections += 1
+        if self.factory.connections > self.factory.max_connections:
+            self.transport.abortConnection()
+            return
+        self.setTimeout(self.factory.idle_timeout)
+
+    def connectionLost(self, reason: object = None) -> None:  # noqa: N802 (Twisted API)
+        self.factory.connections -= 1
+        self.setTimeout(None)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
+        self.resetTimeout()
+        self.buffer += data
+        while len(self.buffer) >= 2:
+            (length,) = struct.unpack_from("!H", self.buffer)
+            if len(self.buffer) < 2 + length:
+                break
+            message, self.buffer = self.buffer[2 : 2 + length], self.buffer[2 + length :]
+            self._answer(message)
+        if self.pending >= self.max_pending and not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def _answer(self, message: bytes) -> None:
+        try:
+            result = self.factory.resolver.handle(message, self.client, "tcp")
+        except Exception:  # noqa: BLE001 - one bad query must never kill the connection handler
+            _log.failure("query from {client} failed", client=self.client)
+            return
+        if result is None:
+            return
+        if isinstance(result, bytes):
+            self._write(result)
+            return
+        self.pending += 1
+        result.addCallback(self._write)
+        result.addErrback(lambda failure: _log.failure("answer to {client} failed", failure, client=self.client))
+        result.addBoth(self._done)
+
+    def _done(self, _: object) -> None:
+        self.pending -= 1
+        if self.paused and self.pending < self.max_pending:
+            self.paused = False
+            self.transport.resumeProducing()
+        self.resetTimeout()
+
+    def _write(self, answer: bytes | None) -> None:
+        if answer is not None and self.transport is not None and self.transport.connected:
+            self.transport.write(struct.pack("!H", len(answer)) + answer)
+
+    def timeoutConnection(self) -> None:  # noqa: N802 (Twisted API)
+        if self.pending:
+            self.resetTimeout()  # a query still being answered keeps the connection open
+            return
+        self.transport.loseConnection()
+
+
+class DNSStreamFactory(protocol.ServerFactory):
+    noisy = False
+
+    def __init__(
+        self, resolver: Resolver, idle_timeout: float, max_connections: int, clock: IReactorTime | None = None
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+        self.clock = clock
+        self.resolver = resolver
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections = 0
+
+    def buildProtocol(self, addr: object) -> DNSStreamProtocol:  # noqa: N802 (Twisted API)
+        return DNSStreamProtocol(self)
+
+
+__all__ = ["DNSDatagramProtocol", "DNSStreamFactory", "DNSStreamProtocol", "defer"]

@@ -1,0 +1,111 @@
+"""The dnslib path for queries the byte-level fast path (blockd.wire) declines.
+
+It parses with dnslib and builds blocked answers with dnslib records.  For every query the
+fast path accepts, both paths must produce the same bytes (tests/test_wire_equivalence.py),
+so this module is also the executable specification of wire.blocked_response.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from dnslib import AAAA, EDNS0, QTYPE, RR, SOA, A, DNSBuffer, DNSError, DNSHeader, DNSLabelError, DNSRecord, EDNSOption
+
+from blockd import wire
+from blockd.names import key_from_wire_labels
+from blockd.wire import HeaderOnlyError, Query
+
+RCODE_BADVERS = 16
+
+
+class BadVersion(Exception):
+    """EDNS version other than 0: answer BADVERS (RFC 6891 6.1.3)."""
+
+    def __init__(self, query: Query):
+        super().__init__("unsupported EDNS version")
+        self.query = query
+
+
+def parse_query_slow(data: bytes) -> tuple[Query, DNSRecord]:
+    query_id, flags, qdcount, _an, _ns, _ar = wire.read_header(data)
+    if flags & wire.OPCODE_MASK:
+        raise HeaderOnlyError(query_id, flags, wire.RCODE_NOTIMP, "opcode is not QUERY")
+    if qdcount != 1:
+        raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, f"QDCOUNT is {qdcount}, not 1")
+    try:
+        record = DNSRecord.parse(data)
+    except (DNSError, DNSLabelError, struct.error, ValueError, IndexError, UnicodeError) as exc:
+        raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, f"unparsable: {exc}") from None
+    question = record.q
+    buffer = DNSBuffer()
+    buffer.encode_name_nocompress(question.qname)
+    buffer.pack("!HH", question.qtype, question.qclass)
+    query = Query()
+    query.raw = data
+    query.id = query_id
+    query.flags = flags
+    query.key = key_from_wire_labels(list(question.qname.label))
+    query.qtype = question.qtype
+    query.qclass = question.qclass
+    query.question = bytes(buffer.data)
+    opts = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
+    if opts:
+        opt = opts[0]
+        query.edns = True
+        query.udp_size = opt.rclass
+        query.dnssec_ok = bool(opt.ttl & 0x8000)
+        query.options = [(option.code, bytes(option.data)) for option in opt.rdata]
+        if (opt.ttl >> 16) & 0xFF != 0:
+            raise BadVersion(query)
+    return query, record
+
+
+def badvers_response(query: Query) -> bytes:
+    reply = DNSRecord(_header(query, 0), q=None)
+    buffer_question = query.question
+    opt = EDNS0(udp_len=wire.SERVER_UDP_PAYLOAD, ext_rcode=RCODE_BADVERS >> 4, flags="do" if query.dnssec_ok else "")
+    reply.add_ar(opt)
+    packed = reply.pack()
+    # Splice the question in as asked (dnslib would re-encode it).
+    header = struct.pack("!HHHHHH", query.id, reply.header.bitmap, 1, 0, 0, 1)
+    return header + buffer_question + packed[12:]
+
+
+def _header(query: Query, rcode: int) -> DNSHeader:
+    return DNSHeader(
+        id=query.id,
+        qr=1,
+        opcode=(query.flags >> 11) & 0xF,
+        rd=1 if query.flags & wire.FLAG_RD else 0,
+        cd=1 if query.flags & wire.FLAG_CD else 0,
+        ra=1,
+        rcode=rcode,
+    )
+
+
+def blocked_response_slow(
+    record: DNSRecord, query: Query, action: str, ttl: int, sinkhole_a: bytes, sinkhole_aaaa: bytes, ede_text: str
+) -> bytes:
+    """dnslib twin of wire.blocked_response."""
+    rcode = {"refused": wire.RCODE_REFUSED, "nxdomain": wire.RCODE_NXDOMAIN}.get(action, wire.RCODE_NOERROR)
+    reply = DNSRecord(_header(query, rcode), q=record.q)
+    qname = record.q.qname
+    qclass = record.q.qclass
+    if action == "refused":
+        pass
+    elif action == "sinkhole" and query.qtype == QTYPE.A and qclass == wire.CLASS_IN:
+        reply.add_answer(RR(qname, QTYPE.A, rdata=A(str(ipaddress.IPv4Address(sinkhole_a))), ttl=ttl))
+    elif action == "sinkhole" and query.qtype == QTYPE.AAAA and qclass == wire.CLASS_IN:
+        reply.add_answer(RR(qname, QTYPE.AAAA, rdata=AAAA(str(ipaddress.IPv6Address(sinkhole_aaaa))), ttl=ttl))
+    else:
+        soa = SOA(
+            "blockd.invalid",
+            "hostmaster.blockd.invalid",
+            (wire.SOA_SERIAL, wire.SOA_REFRESH, wire.SOA_RETRY, wire.SOA_EXPIRE, ttl),
+        )
+        reply.add_auth(RR(qname, QTYPE.SOA, rclass=qclass, rdata=soa, ttl=ttl))
+    if query.edns:
+        ede = EDNSOption(wire.EDNS_OPTION_EDE, struct.pack("!H", wire.EDE_BLOCKED) + ede_text.encode("utf-8"))
+        reply.add_ar(EDNS0(udp_len=wire.SERVER_UDP_PAYLOAD, flags="do" if query.dnssec_ok else "", opts=[ede]))
+    return reply.pack()

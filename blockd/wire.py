@@ -1,0 +1,285 @@
+"""DNS wire format on the hot path: read header, question and EDNS straight from bytes, and
+build the answers blockd itself gives (blocked, refused, servfail, truncated) as bytes.
+
+Anything unusual (compression in the question, escaped label bytes, a class other than IN,
+extra records, EDNS version != 0) is left to blockd.slowpath, which does the same with
+dnslib; tests prove both give identical bytes for every query the fast path accepts.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from blockd.names import key_from_wire_labels
+
+# Types and codes used by name here and elsewhere.
+TYPE_A = 1
+TYPE_NS = 2
+TYPE_CNAME = 5
+TYPE_SOA = 6
+TYPE_MX = 15
+TYPE_TXT = 16
+TYPE_AAAA = 28
+TYPE_SRV = 33
+TYPE_DNAME = 39
+TYPE_OPT = 41
+TYPE_SVCB = 64
+TYPE_HTTPS = 65
+TYPE_ANY = 255
+CLASS_IN = 1
+
+RCODE_NOERROR = 0
+RCODE_FORMERR = 1
+RCODE_SERVFAIL = 2
+RCODE_NXDOMAIN = 3
+RCODE_NOTIMP = 4
+RCODE_REFUSED = 5
+
+EDNS_OPTION_ECS = 8
+EDNS_OPTION_EDE = 15
+EDE_BLOCKED = 15
+EDE_PROHIBITED = 18
+EDE_NO_REACHABLE_AUTHORITY = 22
+
+FLAG_QR = 0x8000
+FLAG_AA = 0x0400
+FLAG_TC = 0x0200
+FLAG_RD = 0x0100
+FLAG_RA = 0x0080
+FLAG_AD = 0x0020
+FLAG_CD = 0x0010
+OPCODE_MASK = 0x7800
+
+# What blockd advertises and the most it will ever send over UDP (RFC 9715 / DNS flag day 2020).
+SERVER_UDP_PAYLOAD = 1232
+PLAIN_UDP_LIMIT = 512
+
+# The SOA blockd puts in negative answers (RFC 2308).  The owner is the query name, as
+# AdGuard Home does, so the client caches the negative answer for exactly what it asked.
+SOA_MNAME = b"\x06blockd\x07invalid\x00"
+SOA_RNAME_LABEL = b"\x0ahostmaster"
+SOA_SERIAL = 1
+SOA_REFRESH = 3600
+SOA_RETRY = 600
+SOA_EXPIRE = 86400
+
+_HEADER = struct.Struct("!HHHHHH")
+_TYPE_CLASS = struct.Struct("!HH")
+_RR_FIXED = struct.Struct("!HHHIH")  # pointer, type, class, ttl, rdlength
+_OPT_FIXED = struct.Struct("!BHHIH")  # root name, type, udp size, ext-rcode/version/flags, rdlength
+
+
+class Drop(Exception):
+    """A packet that gets no answer at all (too short to carry an ID, or a response)."""
+
+
+class HeaderOnlyError(Exception):
+    """The header is readable but the rest is not: answer with this rcode and no question."""
+
+    def __init__(self, query_id: int, flags: int, rcode: int, reason: str):
+        super().__init__(reason)
+        self.query_id = query_id
+        self.flags = flags
+        self.rcode = rcode
+
+
+class Query:
+    """What blockd needs to know about a query, read from its wire bytes."""
+
+    __slots__ = (
+        "raw",
+        "id",
+        "flags",
+        "key",
+        "qtype",
+        "qclass",
+        "question",
+        "edns",
+        "udp_size",
+        "dnssec_ok",
+        "options",
+        "opt_offset",
+    )
+
+    def __init__(self) -> None:
+        self.raw = b""
+        self.id = 0
+        self.flags = 0
+        self.key = ""
+        self.qtype = 0
+        self.qclass = 0
+        self.question = b""  # the question section exactly as the client sent it
+        self.edns = False
+        self.udp_size = PLAIN_UDP_LIMIT
+        self.dnssec_ok = False
+        self.options: list[tuple[int, bytes]] = []
+        self.opt_offset = -1  # where the OPT record starts in raw, -1 without EDNS
+
+    @property
+    def response_limit(self) -> int:
+        """The largest UDP answer this client accepts (RFC 6891 6.2.5)."""
+        if not self.edns:
+            return PLAIN_UDP_LIMIT
+        return max(PLAIN_UDP_LIMIT, min(self.udp_size, 65535))
+
+
+def read_header(data: bytes) -> tuple[int, int, int, int, int, int]:
+    """Header fields, or Drop for packets that must not be answered."""
+    if len(data) < 12:
+        raise Drop("shorter than a DNS header")
+    fields = _HEADER.unpack_from(data)
+    if fields[1] & FLAG_QR:
+        raise Drop("a response, not a query")
+    return fields
+
+
+def parse_query(data: bytes) -> Query | None:
+    """Parse a query on the fast path.
+
+    Returns None when the query is valid-looking but unusual (the caller uses the dnslib slow
+    path), raises Drop or HeaderOnlyError for packets that get no answer or FORMERR/NOTIMP.
+    """
+    query_id, flags, qdcount, ancount, nscount, arcount = read_header(data)
+    if flags & OPCODE_MASK:
+        raise HeaderOnlyError(query_id, flags, RCODE_NOTIMP, "opcode is not QUERY")
+    if qdcount != 1:
+        raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, f"QDCOUNT is {qdcount}, not 1")
+    if ancount or nscount or arcount > 1:
+        return None
+    size = len(data)
+    pos = 12
+    labels = []
+    while True:
+        if pos >= size:
+            raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "question name runs past the end")
+        length = data[pos]
+        if length == 0:
+            pos += 1
+            break
+        if length > 63:
+            return None  # compression pointer or reserved label type: let dnslib judge
+        end = pos + 1 + length
+        labels.append(data[pos + 1 : end])
+        pos = end
+    if pos + 4 > size:
+        raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "question truncated")
+    if pos - 12 > 255:
+        raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "question name longer than 255 octets")
+    qtype, qclass = _TYPE_CLASS.unpack_from(data, pos)
+    if qclass != CLASS_IN:
+        return None
+    key = key_from_wire_labels(labels)
+    if "\\" in key or key.endswith("invalid"):
+        # Escaped bytes, or a name whose suffix could be compressed against the SOA's names.
+        return None
+    query = Query()
+    query.raw = data
+    query.id = query_id
+    query.flags = flags
+    query.key = key
+    query.qtype = qtype
+    query.qclass = qclass
+    query.question = data[12 : pos + 4]
+    pos += 4
+    if arcount:
+        if pos + 11 > size or data[pos] != 0:
+            return None
+        _root, rtype, udp_size, ttl, rdlength = _OPT_FIXED.unpack_from(data, pos)
+        if rtype != TYPE_OPT or (ttl >> 16) & 0xFF != 0:
+            return None  # not OPT, or EDNS version != 0 (BADVERS is the slow path's job)
+        options_start = pos + 11
+        options_end = options_start + rdlength
+        if options_end > size:
+            raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "OPT record truncated")
+        options = []
+        at = options_start
+        while at < options_end:
+            if at + 4 > options_end:
+                raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "EDNS option truncated")
+            code, length = _TYPE_CLASS.unpack_from(data, at)
+            at += 4
+            if at + length > options_end:
+                raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "EDNS option truncated")
+            options.append((code, data[at : at + length]))
+            at += length
+        query.edns = True
+        query.udp_size = udp_size
+        query.dnssec_ok = bool(ttl & 0x8000)
+        query.options = options
+        query.opt_offset = pos
+    return query
+
+
+def _response_flags(query_flags: int, rcode: int) -> int:
+    # QR, the query's opcode, RD and CD copied (RFC 1035 4.1.1, RFC 4035 3.2.2), RA set.
+    return FLAG_QR | (query_flags & (OPCODE_MASK | FLAG_RD | FLAG_CD)) | FLAG_RA | rcode
+
+
+def opt_record(dnssec_ok: bool, ede_code: int | None = None, ede_text: str = "") -> bytes:
+    """An OPT pseudo-record advertising blockd's UDP size, with an optional Extended DNS Error."""
+    rdata = b""
+    if ede_code is not None:
+        text = ede_text.encode("utf-8")
+        rdata = struct.pack("!HHH", EDNS_OPTION_EDE, 2 + len(text), ede_code) + text
+    return _OPT_FIXED.pack(0, TYPE_OPT, SERVER_UDP_PAYLOAD, 0x8000 if dnssec_ok else 0, len(rdata)) + rdata
+
+
+def soa_record(ttl: int, question_length: int) -> bytes:
+    """The SOA of a negative answer whose answer section is empty, owned by the query name.
+
+    Names are compressed exactly as dnslib compresses them, so the fast and slow paths agree
+    byte for byte: the owner points at the question (offset 12) and the RNAME's
+    "blockd.invalid" points at the MNAME, which follows this RR's 12 fixed bytes.
+    """
+    mname_offset = 12 + question_length + 12
+    rdata = (
+        SOA_MNAME
+        + SOA_RNAME_LABEL
+        + struct.pack("!HIIIII", 0xC000 | mname_offset, SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ttl)
+    )
+    return _RR_FIXED.pack(0xC00C, TYPE_SOA, CLASS_IN, ttl, len(rdata)) + rdata
+
+
+def blocked_response(
+    query: Query, action: str, ttl: int, sinkhole_a: bytes, sinkhole_aaaa: bytes, ede_text: str
+) -> bytes:
+    """The local answer for a blocked name (actions sinkhole, nxdomain, nodata, refused).
+
+    Every query type is answered here: sinkhole gives an address for A/AAAA and NODATA for
+    everything else (HTTPS, SVCB, TXT, MX, ANY, ...), so nothing of the upstream's reaches
+    the client.
+    """
+    answer = b""
+    authority = b""
+    rcode = RCODE_NOERROR
+    if action == "refused":
+        rcode = RCODE_REFUSED
+    elif action == "sinkhole" and query.qtype == TYPE_A:
+        answer = _RR_FIXED.pack(0xC00C, TYPE_A, CLASS_IN, ttl, 4) + sinkhole_a
+    elif action == "sinkhole" and query.qtype == TYPE_AAAA:
+        answer = _RR_FIXED.pack(0xC00C, TYPE_AAAA, CLASS_IN, ttl, 16) + sinkhole_aaaa
+    else:
+        if action == "nxdomain":
+            rcode = RCODE_NXDOMAIN
+        authority = soa_record(ttl, len(query.question))
+    opt = opt_record(query.dnssec_ok, EDE_BLOCKED, ede_text) if query.edns else b""
+    header = _HEADER.pack(
+        query.id,
+        _response_flags(query.flags, rcode),
+        1,
+        1 if answer else 0,
+        1 if authority else 0,
+        1 if opt else 0,
+    )
+    return header + query.question + answer + authority + opt
+
+
+def error_response(query: Query, rcode: int, ede_code: int | None = None, ede_text: str = "", flags: int = 0) -> bytes:
+    """Header + the question as asked, no records, an OPT when the client used EDNS."""
+    opt = opt_record(query.dnssec_ok, ede_code, ede_text) if query.edns else b""
+    header = _HEADER.pack(query.id, _response_flags(query.flags, rcode) | flags, 1, 0, 0, 1 if opt else 0)
+    return header + query.question + opt
+
+
+def header_only_response(query_id: int, query_flags: int, rcode: int) -> bytes:
+    return _HEADER.pack(query_id, _response_flags(query_flags, rcode), 0, 0, 0, 0)
