@@ -1,0 +1,107 @@
+"""Run the real blockd as a subprocess on loopback with a test config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+
+REPO = Path(__file__).resolve().parent.parent
+GOV = "127.0.0.2"  # a source address inside the test government group
+OTHER = "127.0.0.3"  # a source address in no group
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+class Daemon:
+    def __init__(self, config_path: Path, port: int, metrics_port: int | None = None):
+        self.config_path = config_path
+        self.port = port
+        self.metrics_port = metrics_port
+        self.log_path = config_path.with_suffix(".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "blockd", "run", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"blockd exited with {self.process.returncode}:\n{self.log()}")
+            # A query with no question gets FORMERR locally: any answer means "serving".
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.settimeout(0.2)
+                try:
+                    probe.sendto(b"\x12\x34\x01\x00" + bytes(8), ("127.0.0.1", self.port))
+                    probe.recv(512)
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+        raise RuntimeError(f"blockd did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, signum: int = signal.SIGHUP) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def query(
+        self,
+        name: str,
+        rdtype: str = "A",
+        source: str = GOV,
+        tcp: bool = False,
+        timeout: float = 3.0,
+        **make_query_args: object,
+    ) -> dns.message.Message:
+        message = dns.message.make_query(name, rdtype, **make_query_args)
+        if tcp:
+            return dns.query.tcp(message, "127.0.0.1", port=self.port, source=source, timeout=timeout)
+        return dns.query.udp(
+            message, "127.0.0.1", port=self.port, source=source, timeout=timeout, ignore_trailing=False
+        )
+
+
+def rcode_name(message: dns.message.Message) -> str:
+    return dns.rcode.to_text(message.rcode())

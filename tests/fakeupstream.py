@@ -1,0 +1,161 @@
+"""A programmable upstream resolver on loopback (UDP and TCP), built on dnslib and threads.
+
+Tests point blockd at it so no query ever leaves the machine.  It answers from `records`
+(name -> list of dnslib RRs), falls back to A 192.0.2.1 / AAAA 2001:db8::1, and has a few
+behaviours keyed on the query name's first label:
+  tc.*      UDP answer with TC set and no records; TCP gets the full answer
+  big.*     a ~3 kB TXT answer (for client-size truncation)
+  forged.*  first a datagram with the wrong ID, then the real answer
+  silent.*  never answered
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from dnslib import AAAA, QTYPE, RR, TXT, A, DNSRecord
+
+DEFAULT_A = "192.0.2.1"
+DEFAULT_AAAA = "2001:db8::1"
+
+
+class FakeUpstream:
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind((host, 0))
+        self.port = self.udp.getsockname()[1]
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind((host, self.port))
+        self.tcp.listen(64)
+        self.records: dict[str, list[RR]] = {}
+        self.responders: dict[str, Callable[[DNSRecord, str], DNSRecord | None]] = {}
+        self.queries: list[tuple[str, str, int, str]] = []  # (transport, name, qtype, source)
+        self.raw_queries: list[bytes] = []
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.threads = [
+            threading.Thread(target=self._serve_udp, daemon=True),
+            threading.Thread(target=self._serve_tcp, daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def names_asked(self) -> list[str]:
+        with self.lock:
+            return [name for _, name, _, _ in self.queries]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.queries.clear()
+            self.raw_queries.clear()
+
+    def answer(self, request: DNSRecord, transport: str) -> DNSRecord | None:
+        qname = str(request.q.qname).rstrip(".").lower()
+        first = qname.split(".", 1)[0]
+        for suffix, responder in self.responders.items():
+            if qname == suffix or qname.endswith("." + suffix):
+                return responder(request, transport)
+        if first == "silent":
+            return None
+        reply = request.reply()
+        if first == "tc" and transport == "udp":
+            reply.header.tc = 1
+            return reply
+        if first == "big" or (first == "tc" and transport == "tcp"):
+            for index in range(40):
+                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT("x" * 60 + f"{index:04d}"), ttl=60))
+            return reply
+        if qname in self.records:
+            for record in self.records[qname]:
+                reply.add_answer(record)
+            return reply
+        if request.q.qtype == QTYPE.A:
+            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(DEFAULT_A), ttl=300))
+        elif request.q.qtype == QTYPE.AAAA:
+            reply.add_answer(RR(request.q.qname, QTYPE.AAAA, rdata=AAAA(DEFAULT_AAAA), ttl=300))
+        elif request.q.qtype in (QTYPE.TXT, QTYPE.HTTPS, QTYPE.MX):
+            reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT("upstream-data"), ttl=300))
+        return reply
+
+    def _record(self, transport: str, data: bytes, source: str) -> DNSRecord | None:
+        try:
+            request = DNSRecord.parse(data)
+        except Exception:  # noqa: BLE001 - garbage from a test: ignore it like a real server would
+            return None
+        with self.lock:
+            self.queries.append((transport, str(request.q.qname).rstrip(".").lower(), request.q.qtype, source))
+            self.raw_queries.append(data)
+        return request
+
+    def _serve_udp(self) -> None:
+        while not self.stopping:
+            try:
+                data, peer = self.udp.recvfrom(65535)
+            except OSError:
+                return
+            if self.stopping or not peer:
+                return
+            request = self._record("udp", data, peer[0])
+            if request is None:
+                continue
+            reply = self.answer(request, "udp")
+            if reply is None:
+                continue
+            packed = reply.pack()
+            if str(request.q.qname).lower().startswith("forged."):
+                forged = struct.pack("!H", (request.header.id + 1) % 65536) + packed[2:]
+                self.udp.sendto(forged, peer)
+                time.sleep(0.05)
+            self.udp.sendto(packed, peer)
+
+    def _serve_tcp(self) -> None:
+        while not self.stopping:
+            try:
+                connection, peer = self.tcp.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_connection, args=(connection, peer), daemon=True).start()
+
+    def _serve_connection(self, connection: socket.socket, peer: tuple[str, int]) -> None:
+        with connection:
+            connection.settimeout(5)
+            buffer = b""
+            try:
+                while True:
+                    chunk = connection.recv(65535)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                    while len(buffer) >= 2:
+                        (length,) = struct.unpack_from("!H", buffer)
+                        if len(buffer) < 2 + length:
+                            break
+                        message, buffer = buffer[2 : 2 + length], buffer[2 + length :]
+                        request = self._record("tcp", message, peer[0])
+                        if request is None:
+                            continue
+                        reply = self.answer(request, "tcp")
+                        if reply is not None:
+                            packed = reply.pack()
+                            connection.sendall(struct.pack("!H", len(packed)) + packed)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stopping = True
+        for sock in (self.udp, self.tcp):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
