@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from blockd import __version__
@@ -21,12 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
     check = commands.add_parser("check", help="validate the config and every list, print every error")
     check.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    reload = commands.add_parser("reload", help="make the running daemon reload, and report the outcome")
+    reload.add_argument("--pidfile", type=Path, help="the daemon's pidfile (default: server.pidfile of --config)")
+    reload.add_argument("--config", type=Path, help="config file to read server.pidfile from")
+    reload.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the outcome")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check_command(args.config)
     if args.command == "run":
         return run_command(args.config)
-    return 2
+    return reload_command(args.pidfile, args.config, args.timeout)
 
 
 def check_command(path: Path | None) -> int:
@@ -63,15 +71,67 @@ def run_command(path: Path | None) -> int:
             print(f"blockd: {line}", file=sys.stderr)
         print("blockd: refusing to start", file=sys.stderr)
         return 1
-    daemon = Daemon(reactor, config, policy)
+    daemon = Daemon(reactor, config, policy, config_path=path)
     try:
         daemon.start()
     except StartupError as exc:
         print(f"blockd: {exc}", file=sys.stderr)
+        daemon.stop()
         return 1
+    # The handler runs on the main (reactor) thread between bytecodes; callFromThread defers the
+    # work to the next loop iteration instead of running it inside whatever was interrupted.
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(daemon.sighup))
     reactor.addSystemEventTrigger("before", "shutdown", daemon.stop)
     reactor.run()
     return 0
+
+
+def reload_command(pidfile: Path | None, config_path: Path | None, timeout: float) -> int:
+    from blockd.reload import status_path_for
+
+    if pidfile is None:
+        try:
+            config = load_config(config_path)
+        except ConfigError as exc:
+            print("\n".join(exc.errors), file=sys.stderr)
+            return 1
+        pidfile = config.server.pidfile
+        if pidfile is None:
+            print(f"blockd reload: {config.source} sets no server.pidfile; pass --pidfile", file=sys.stderr)
+            return 1
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError) as exc:
+        print(f"blockd reload: cannot read pid from {pidfile}: {exc}", file=sys.stderr)
+        return 1
+    status_path = status_path_for(pidfile)
+    before = _read_status(status_path).get("signals", 0)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"blockd reload: cannot signal pid {pid} (from {pidfile}): {exc.strerror}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _read_status(status_path)
+        if status.get("pid") == pid and status.get("covered", 0) >= before + 1:
+            if status.get("result") == "success":
+                print(f"blockd reload: pid {pid} reloaded")
+                return 0
+            for line in status.get("errors", []):
+                print(line, file=sys.stderr)
+            print(f"blockd reload: pid {pid} refused the reload and keeps serving the previous policy", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"blockd reload: no outcome from pid {pid} within {timeout:g}s", file=sys.stderr)
+    return 1
+
+
+def _read_status(path: Path) -> dict[str, object]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ DEFAULT_ALLOW = (
     "fc00::/7",
 )
 
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9553"
+
 EMBEDDED_DEFAULT = """\
 # blockd's embedded default: DNS on 127.0.0.1:5353, upstreams from /etc/resolv.conf, and the
 # shipped TikTok/ByteDance/DoH-bypass lists blocking for every client.
@@ -373,9 +375,9 @@ class _Parser:
     def metrics(self, data: dict[str, Any]) -> MetricsConfig:
         key = "metrics"
         table = self.table(data, key, ("listen",))
-        text = self.string(table, key, "listen", None)
+        text = self.string(table, key, "listen", DEFAULT_METRICS_LISTEN)
         if not text:
-            return MetricsConfig(listen=None)
+            return MetricsConfig(listen=None)  # "" turns the admin listener (and counting) off
         return MetricsConfig(listen=self.endpoint(f"{key}.listen", text, 9553))
 
     def log(self, data: dict[str, Any]) -> LogConfig:

@@ -14,6 +14,7 @@ refused as a whole.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,8 @@ class DomainList:
     name: str
     path: str
     domains: frozenset[str]
+    # (device, inode, size, mtime_ns, ctime_ns) when read: an unchanged file is not parsed again on reload.
+    signature: tuple[int, ...] | None = None
 
 
 class ListLoadError(Exception):
@@ -111,6 +114,10 @@ def parse_lines(lines: Iterable[str], path: str) -> tuple[set[str], list[LineErr
     domains: set[str] = set()
     errors: list[LineError] = []
     for number, text in enumerate(lines, start=1):
+        bad_byte = _undecodable_byte(text)
+        if bad_byte is not None:
+            errors.append(LineError(path, number, f"not UTF-8 text: invalid byte 0x{bad_byte:02x}"))
+            continue
         try:
             domains.update(parse_line(text))
         except InvalidNameError as exc:
@@ -118,16 +125,33 @@ def parse_lines(lines: Iterable[str], path: str) -> tuple[set[str], list[LineErr
     return domains, errors
 
 
-def load_list(name: str, path: Path, display_path: str | None = None) -> DomainList:
-    """Read and parse one list file; raises ListLoadError naming file:line for every bad line."""
+def _undecodable_byte(text: str) -> int | None:
+    # load_list decodes with surrogateescape so that a bad byte costs its line, not the whole
+    # file's error report; each such byte shows up as a lone surrogate U+DC80..U+DCFF.
+    if text.isascii():
+        return None
+    for char in text:
+        if 0xDC80 <= ord(char) <= 0xDCFF:
+            return ord(char) - 0xDC00
+    return None
+
+
+def load_list(name: str, path: Path, display_path: str | None = None, previous: DomainList | None = None) -> DomainList:
+    """Read and parse one list file; raises ListLoadError naming file:line for every bad line.
+
+    previous: the same list as last loaded; reused as is when the file has not changed.
+    """
     shown = display_path or str(path)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            # The signature of the file actually opened, so a rename after this point is seen next time.
+            info = os.fstat(handle.fileno())
+            signature = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            if previous is not None and previous.signature == signature and previous.path == shown:
+                return DomainList(name, shown, previous.domains, signature)
             domains, errors = parse_lines(handle, shown)
-    except UnicodeDecodeError as exc:
-        raise ListLoadError([LineError(shown, 0, f"not UTF-8 text: {exc.reason}")]) from None
     except OSError as exc:
         raise ListLoadError([LineError(shown, 0, f"cannot read list: {exc.strerror or exc}")]) from None
     if errors:
         raise ListLoadError(errors)
-    return DomainList(name=name, path=shown, domains=frozenset(domains))
+    return DomainList(name=name, path=shown, domains=frozenset(domains), signature=signature)

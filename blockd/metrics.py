@@ -17,6 +17,7 @@ see zeros.  Sizes (list entries) are read at scrape time by a collector.
   blockd_reloads_total{result}                        success / failure
   blockd_last_reload_success_timestamp_seconds
   blockd_reload_duration_seconds
+  blockd_query_log_lines_total, blockd_query_log_dropped_total, blockd_query_log_errors_total
   blockd_build_info{version}
 """
 
@@ -89,6 +90,11 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.query_log_lines = Counter("blockd_query_log_lines", "Query-log lines written.", registry=r)
+        self.query_log_dropped = Counter(
+            "blockd_query_log_dropped", "Query-log lines lost (queue full or write error).", registry=r
+        )
+        self.query_log_errors = Counter("blockd_query_log_errors", "Query-log write errors.", registry=r)
         self.build_info = Gauge("blockd_build_info", "blockd version.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         for result in ("success", "failure"):
@@ -140,6 +146,19 @@ class Metrics:
 
     def count_drop(self, reason: str) -> None:
         self.dropped.labels(reason).inc()
+
+
+class NullMetrics(Metrics):
+    """Counts nothing on the query path: [metrics] listen = "" (also the benchmark's 'metrics off')."""
+
+    def count_query(self, group: str, transport: str, qtype: int) -> None:
+        return None
+
+    def count_blocked(self, group: str, list_name: str, action: str) -> None:
+        return None
+
+    def count_response(self, rcode: int) -> None:
+        return None
 
 
 class ListSizeCollector(Collector):

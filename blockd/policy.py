@@ -123,21 +123,48 @@ class Policy:
         return Verdict(group, match.list_name, match.domain, group.list_actions[match.list_name])
 
 
-def load_lists(config: Config) -> tuple[dict[str, DomainList], list[str]]:
-    """Load every configured list, returning the good ones and every error (file:line)."""
+def load_lists(config: Config, previous: Policy | None = None) -> tuple[dict[str, DomainList], list[str]]:
+    """Load every configured list, returning the good ones and every error (file:line).
+
+    With previous (the serving policy), files that have not changed are not parsed again.
+    """
     lists: dict[str, DomainList] = {}
     errors: list[str] = []
+    old_lists = previous.lists if previous is not None else {}
     for list_config in config.lists.values():
         try:
-            lists[list_config.name] = load_list(list_config.name, list_config.path)
+            lists[list_config.name] = load_list(
+                list_config.name, list_config.path, previous=old_lists.get(list_config.name)
+            )
         except ListLoadError as exc:
             errors.extend(str(e) for e in exc.errors)
     return lists, errors
 
 
-def build_policy(config: Config) -> Policy:
-    """Load lists and compile the snapshot; PolicyError lists every problem."""
-    lists, errors = load_lists(config)
+def shrink_errors(config: Config, lists: Mapping[str, DomainList], previous: Policy) -> list[str]:
+    """Refuse a list that came back empty or less than half its serving size (a truncated copy,
+    a half-written file) unless the list sets allow_shrink = true."""
+    errors = []
+    for name, new in lists.items():
+        old = previous.lists.get(name)
+        if old is None or config.lists[name].allow_shrink or not old.domains:
+            continue
+        if len(new.domains) == 0 or len(new.domains) * 2 < len(old.domains):
+            errors.append(
+                f"{new.path}: list {name!r} shrank from {len(old.domains)} to {len(new.domains)} entries; "
+                f"refusing it (set lists.{name}.allow_shrink = true if this is intended)"
+            )
+    return errors
+
+
+def build_policy(config: Config, previous: Policy | None = None) -> Policy:
+    """Load lists and compile the snapshot; PolicyError lists every problem.
+
+    previous: the serving policy when reloading (enables the shrink guard and list reuse).
+    """
+    lists, errors = load_lists(config, previous)
+    if previous is not None:
+        errors.extend(shrink_errors(config, lists, previous))
     if errors:
         raise PolicyError(errors)
     return Policy(config, lists)

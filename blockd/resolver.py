@@ -30,10 +30,14 @@ _log = Logger()
 class QueryObserver(Protocol):
     """Receives one call per answered query (the query log)."""
 
-    def __call__(self, client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int) -> None: ...
+    def __call__(
+        self, client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False
+    ) -> None: ...
 
 
-def _no_log(client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int) -> None:
+def _no_log(
+    client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False
+) -> None:
     return None
 
 
@@ -75,7 +79,7 @@ class Resolver:
         metrics.count_query(group.name if group is not None else NO_GROUP, transport, query.qtype)
         if not allowed:
             metrics.count_response(wire.RCODE_REFUSED)
-            self.query_log(client, group, query, None, wire.RCODE_REFUSED)
+            self.query_log(client, group, query, None, wire.RCODE_REFUSED, denied=True)
             return wire.error_response(query, wire.RCODE_REFUSED, wire.EDE_PROHIBITED, "client not allowed")
 
         verdict = policy.check(group, query.key) if group is not None else None

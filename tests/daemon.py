@@ -44,7 +44,7 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> Daemon:
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "blockd", "run", "--config", str(self.config_path)],
             stdout=self._log,

@@ -1,0 +1,61 @@
+"""The admin HTTP listener: /metrics (Prometheus text format) and /healthz.
+
+Config: [metrics] listen = "127.0.0.1:9553" (loopback by default; empty turns it off).
+/healthz answers 200 once the lists are loaded and the DNS listeners are up, 503 before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.twisted import MetricsResource
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+from twisted.web import resource, server
+
+from blockd.config import Endpoint
+
+
+class HealthResource(resource.Resource):
+    isLeaf = True  # noqa: N815 (Twisted API)
+
+    def __init__(self, ready: Callable[[], bool]):
+        super().__init__()
+        self.ready = ready
+
+    def render_GET(self, request: server.Request) -> bytes:  # noqa: N802 (Twisted API)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if self.ready():
+            return b"ok\n"
+        request.setResponseCode(503)
+        return b"starting\n"
+
+
+class AdminService(service.Service):
+    def __init__(self, reactor: object, endpoint: Endpoint, registry: CollectorRegistry, ready: Callable[[], bool]):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        root = resource.Resource()
+        root.putChild(b"metrics", MetricsResource(registry))
+        root.putChild(b"healthz", HealthResource(ready))
+        self.site = server.Site(root)
+        self.site.noisy = False
+        self.site.log = lambda request: None  # scrapes every few seconds would flood the log
+        self.port: object | None = None
+
+    def startService(self) -> None:  # noqa: N802 (Twisted API)
+        from blockd.daemon import StartupError
+
+        super().startService()
+        try:
+            self.port = self.reactor.listenTCP(self.endpoint.port, self.site, interface=self.endpoint.host)
+        except CannotListenError as exc:
+            raise StartupError(f"metrics.listen: cannot listen on {self.endpoint}: {exc.socketError}") from None
+
+    def stopService(self) -> object:  # noqa: N802 (Twisted API)
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
