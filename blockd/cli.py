@@ -12,7 +12,7 @@ from pathlib import Path
 
 from blockd import __version__
 from blockd.config import ConfigError, load_config
-from blockd.policy import PolicyError, build_policy, load_lists
+from blockd.policy import PolicyError, build_policy, load_lists, load_prefix_sets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +45,7 @@ def check_command(path: Path | None) -> int:
             print(line, file=sys.stderr)
         return 1
     lists, errors = load_lists(config)
+    errors += load_prefix_sets(config)[1]
     for line in errors:
         print(line, file=sys.stderr)
     if errors:

@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from blockd.classify import IPNetwork
+from blockd.egress import EgressSettings, settings_problems
 from blockd.names import InvalidNameError, normalize
 
 ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused", "monitor")
 BLOCKING_ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused")
 QUERY_LOG_MODES = ("none", "blocked", "all")
+# Built-in lists (escape hatches to encrypted DNS); config lists may not take these names.
+BUILTIN_LISTS = ("firefox-canary", "icloud-private-relay", "ddr")
+RESERVED_GROUP_NAMES = ("none",)  # the metrics/log label of clients in no group
 CLIENT_IP_MODES = ("full", "truncate", "hash")
 
 DEFAULT_ALLOW = (
@@ -83,12 +87,21 @@ class ServerConfig:
     pidfile: Path | None = None
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 1000
+    trusted_forwarders: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
 class UpstreamConfig:
     servers: tuple[Endpoint, ...] = ()
     timeout: float = 2.0
+    forward_ecs: bool = False
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    size: int = 100_000
+    min_ttl: int = 0
+    max_ttl: int = 86400
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,12 @@ class GroupConfig:
     ttl: int = 300
     sinkhole_ipv4: ipaddress.IPv4Address = ipaddress.IPv4Address("0.0.0.0")
     sinkhole_ipv6: ipaddress.IPv6Address = ipaddress.IPv6Address("::")
+    interfaces: tuple[str, ...] = ()
+    vlans: tuple[int, ...] = ()
+    block_answer_prefixes: tuple[Path, ...] = ()
+    block_firefox_canary: bool = True
+    block_private_relay: bool = True
+    block_ddr: bool = True
 
 
 @dataclass(frozen=True)
@@ -130,8 +149,10 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     lists: dict[str, ListConfig] = field(default_factory=dict)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
+    egress: EgressSettings = field(default_factory=EgressSettings)
 
 
 def shipped_base_dir() -> Path:
@@ -322,7 +343,7 @@ class _Parser:
     # -- sections ---------------------------------------------------------------------------
 
     def parse(self, data: dict[str, Any], resolv_conf: Path) -> Config:
-        known = ("server", "upstream", "metrics", "log", "lists", "groups")
+        known = ("server", "upstream", "metrics", "log", "cache", "lists", "groups", "egress")
         for name in data:
             if name not in known:
                 self.error(name, f"unknown section (known: {', '.join(known)})")
@@ -330,13 +351,16 @@ class _Parser:
         upstream = self.upstream(data, resolv_conf)
         metrics = self.metrics(data)
         log = self.log(data)
+        cache = self.cache(data)
         lists = self.lists(data)
         groups = self.groups(data, lists)
-        return Config(self.source, server, upstream, metrics, log, lists, groups)
+        egress = self.egress(data)
+        return Config(self.source, server, upstream, metrics, log, cache, lists, groups, egress)
 
     def server(self, data: dict[str, Any]) -> ServerConfig:
         key = "server"
-        table = self.table(data, key, ("listen", "allow", "pidfile", "tcp_idle_timeout", "tcp_max_connections"))
+        names = ("listen", "allow", "pidfile", "tcp_idle_timeout", "tcp_max_connections", "trusted_forwarders")
+        table = self.table(data, key, names)
         defaults = ServerConfig()
         listen = defaults.listen
         items = self.string_list(table, key, "listen")
@@ -355,11 +379,12 @@ class _Parser:
             tcp_max_connections=self.number(
                 table, key, "tcp_max_connections", defaults.tcp_max_connections, 1, 100000, integer=True
             ),
+            trusted_forwarders=self.networks(table, key, "trusted_forwarders") or (),
         )
 
     def upstream(self, data: dict[str, Any], resolv_conf: Path) -> UpstreamConfig:
         key = "upstream"
-        table = self.table(data, key, ("servers", "timeout"))
+        table = self.table(data, key, ("servers", "timeout", "forward_ecs"))
         items = self.string_list(table, key, "servers")
         if items is None:
             servers = tuple(read_resolv_conf(resolv_conf))
@@ -370,7 +395,47 @@ class _Parser:
             if not items:
                 self.error(f"{key}.servers", "must name at least one upstream resolver")
         timeout = self.number(table, key, "timeout", UpstreamConfig.timeout, 0.05, 30)
-        return UpstreamConfig(servers=servers, timeout=timeout)
+        forward_ecs = self.boolean(table, key, "forward_ecs", UpstreamConfig.forward_ecs)
+        return UpstreamConfig(servers=servers, timeout=timeout, forward_ecs=forward_ecs)
+
+    def cache(self, data: dict[str, Any]) -> CacheConfig:
+        key = "cache"
+        table = self.table(data, key, ("size", "min_ttl", "max_ttl"))
+        defaults = CacheConfig()
+        config = CacheConfig(
+            size=self.number(table, key, "size", defaults.size, 0, 10_000_000, integer=True),
+            min_ttl=self.number(table, key, "min_ttl", defaults.min_ttl, 0, 86400, integer=True),
+            max_ttl=self.number(table, key, "max_ttl", defaults.max_ttl, 0, 7 * 86400, integer=True),
+        )
+        if config.min_ttl > config.max_ttl:
+            self.error(f"{key}.min_ttl", f"{config.min_ttl} is larger than cache.max_ttl ({config.max_ttl})")
+        return config
+
+    def egress(self, data: dict[str, Any]) -> EgressSettings:
+        key = "egress"
+        names = (
+            "enabled", "table", "rule_priority", "route_protocol", "prefixes", "learn", "learn_min_ttl",
+            "learn_max", "never", "on_exit", "reconcile_interval",
+        )  # fmt: skip
+        table = self.table(data, key, names)
+        defaults = EgressSettings()
+        prefixes = tuple(self.path(text) for _, text in self.string_list(table, key, "prefixes") or [])
+        settings = EgressSettings(
+            enabled=self.boolean(table, key, "enabled", defaults.enabled),
+            table=self.number(table, key, "table", defaults.table, 1, 2**32 - 1, integer=True),
+            rule_priority=self.number(table, key, "rule_priority", defaults.rule_priority, 1, 32765, integer=True),
+            route_protocol=self.number(table, key, "route_protocol", defaults.route_protocol, 1, 255, integer=True),
+            prefixes=prefixes,
+            learn=self.boolean(table, key, "learn", defaults.learn),
+            learn_min_ttl=self.number(table, key, "learn_min_ttl", defaults.learn_min_ttl, 0, 30 * 86400),
+            learn_max=self.number(table, key, "learn_max", defaults.learn_max, 0, 10_000_000, integer=True),
+            never=self.networks(table, key, "never") or (),
+            on_exit=self.string(table, key, "on_exit", defaults.on_exit, ("keep", "remove")),
+            reconcile_interval=self.number(table, key, "reconcile_interval", defaults.reconcile_interval, 1, 86400),
+        )
+        for name, message in settings_problems(settings):
+            self.error(f"{key}.{name}", message)
+        return settings
 
     def metrics(self, data: dict[str, Any]) -> MetricsConfig:
         key = "metrics"
@@ -404,6 +469,9 @@ class _Parser:
             if not isinstance(value, dict):
                 self.error(key, f"must be a table, not {_type_name(value)}")
                 continue
+            if name in BUILTIN_LISTS:
+                self.error(key, f"{name!r} is the name of a built-in list; choose another")
+                continue
             table = self.known_keys(value, key, ("path", "action", "allow_shrink"))
             if "path" not in table:
                 self.error(f"{key}.path", "missing (the list file to load)")
@@ -434,11 +502,21 @@ class _Parser:
             table = self.known_keys(
                 value,
                 key,
-                ("networks", "lists", "allow", "action", "ttl", "sinkhole_ipv4", "sinkhole_ipv6"),
-            )
+                (
+                    "networks", "interfaces", "vlans", "lists", "allow", "action", "ttl", "sinkhole_ipv4",
+                    "sinkhole_ipv6", "block_answer_prefixes", "block_firefox_canary", "block_private_relay",
+                    "block_ddr",
+                ),
+            )  # fmt: skip
+            if name in RESERVED_GROUP_NAMES:
+                self.error(key, f"{name!r} is reserved (it labels clients in no group)")
             networks = self.networks(table, key, "networks") or ()
-            if "networks" not in table:
-                self.error(f"{key}.networks", "missing (which clients belong to this group)")
+            interfaces = tuple(text for _, text in self.string_list(table, key, "interfaces") or [])
+            vlans = self.vlan_ids(table, key)
+            if not any(k in table for k in ("networks", "interfaces", "vlans")):
+                self.error(
+                    f"{key}.networks", "missing (which clients belong to this group: networks, interfaces or vlans)"
+                )
             list_names = []
             for item_key, list_name in self.string_list(table, key, "lists") or []:
                 if list_name not in raw_lists:
@@ -463,8 +541,29 @@ class _Parser:
                 ttl=self.number(table, key, "ttl", GroupConfig.ttl, 0, 2**31 - 1, integer=True),
                 sinkhole_ipv4=sinkhole_ipv4,
                 sinkhole_ipv6=sinkhole_ipv6,
+                interfaces=interfaces,
+                vlans=vlans,
+                block_answer_prefixes=tuple(
+                    self.path(text) for _, text in self.string_list(table, key, "block_answer_prefixes") or []
+                ),
+                block_firefox_canary=self.boolean(table, key, "block_firefox_canary", True),
+                block_private_relay=self.boolean(table, key, "block_private_relay", True),
+                block_ddr=self.boolean(table, key, "block_ddr", True),
             )
         return result
+
+    def vlan_ids(self, table: dict[str, Any], key: str) -> tuple[int, ...]:
+        value = table.get("vlans", [])
+        if not isinstance(value, list):
+            self.error(f"{key}.vlans", f"must be a list of VLAN ids, not {_type_name(value)}")
+            return ()
+        ids = []
+        for index, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 4094:
+                self.error(f"{key}.vlans[{index}]", f"{item!r} is not a VLAN id (1..4094)")
+            else:
+                ids.append(item)
+        return tuple(ids)
 
     def address(self, table: dict[str, Any], key: str, name: str, version: int) -> Any:
         text = self.string(table, key, name, None)

@@ -17,8 +17,9 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from blockd.admin import AdminService
+from blockd.cache import AnswerCache
 from blockd.config import Config, Endpoint
-from blockd.metrics import ListSizeCollector, Metrics, NullMetrics
+from blockd.metrics import CacheCollector, ListSizeCollector, Metrics, NullMetrics
 from blockd.policy import Policy
 from blockd.querylog import QueryLog
 from blockd.reload import Reloader, build_for_reload, status_path_for
@@ -145,7 +146,17 @@ class Daemon:
             on_drop=self.metrics.query_log_dropped.inc,
             on_line=self.metrics.query_log_lines.inc,
         )
-        self.resolver = Resolver(self.policy, self.upstreams, self.metrics, self.query_log)
+        self.cache = AnswerCache(config.cache.size, config.cache.min_ttl, config.cache.max_ttl)
+        self.metrics.registry.register(CacheCollector(self.cache))
+        self.resolver = Resolver(
+            self.policy,
+            self.upstreams,
+            self.metrics,
+            self.query_log,
+            cache=self.cache,
+            clock=reactor,
+            forward_ecs=config.upstream.forward_ecs,
+        )
         self.stream_factory = DNSStreamFactory(
             self.resolver, config.server.tcp_idle_timeout, config.server.tcp_max_connections, reactor
         )
@@ -197,6 +208,12 @@ class Daemon:
         self.policy.current = policy
         self.upstreams.servers = list(config.upstream.servers)
         self.upstreams.timeout = config.upstream.timeout
+        self.resolver.forward_ecs = config.upstream.forward_ecs
+        self.cache.size, self.cache.min_ttl, self.cache.max_ttl = (
+            config.cache.size,
+            config.cache.min_ttl,
+            config.cache.max_ttl,
+        )
         self.stream_factory.idle_timeout = config.server.tcp_idle_timeout
         self.stream_factory.max_connections = config.server.tcp_max_connections
         self.config = config

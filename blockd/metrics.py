@@ -18,6 +18,7 @@ see zeros.  Sizes (list entries) are read at scrape time by a collector.
   blockd_last_reload_success_timestamp_seconds
   blockd_reload_duration_seconds
   blockd_query_log_lines_total, blockd_query_log_dropped_total, blockd_query_log_errors_total
+  blockd_cache_requests_total, blockd_cache_hits_total, blockd_cache_evictions_total, blockd_cache_entries
   blockd_build_info{version}
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from blockd import __version__
@@ -159,6 +160,24 @@ class NullMetrics(Metrics):
 
     def count_response(self, rcode: int) -> None:
         return None
+
+
+class CacheCollector(Collector):
+    """The answer cache's counters and size, read at scrape time (the cache itself stays pure)."""
+
+    def __init__(self, cache: object):
+        self._cache = cache
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        cache = self._cache
+        yield CounterMetricFamily("blockd_cache_requests", "Answer-cache lookups.", value=cache.requests)
+        yield CounterMetricFamily(
+            "blockd_cache_hits", "Answer-cache lookups that found a live entry.", value=cache.hits
+        )
+        yield CounterMetricFamily(
+            "blockd_cache_evictions", "Entries evicted to stay within cache.size.", value=cache.evictions
+        )
+        yield GaugeMetricFamily("blockd_cache_entries", "Entries in the answer cache.", value=len(cache))
 
 
 class ListSizeCollector(Collector):

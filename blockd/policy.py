@@ -1,24 +1,45 @@
 """The policy snapshot: config and lists compiled into one immutable object.
 
-A snapshot answers two questions on the hot path: which group is this client in (longest
-prefix over every group's networks), and is this name blocked for that group (allowlist first,
-then the group's lists; a list's own action overrides the group's, except that a monitor group
-only ever monitors).  Building one reads files and may take seconds for large lists, so it is
-done off the event loop and swapped in whole (see blockd.reload).
+A snapshot answers, on the hot path:
+- which group is this client in (longest prefix over every group's networks, including the
+  connected subnets of its interfaces/VLANs; a trusted forwarder's ECS prefix counts as the
+  client), and may it query at all (server.allow);
+- is this name blocked for that group: allowlist first, then the built-in escape-hatch lists,
+  then the group's lists in order; a list's own action overrides the group's, except that a
+  monitor group only ever monitors;
+- is this upstream answer blocked for that group: a listed name anywhere in its CNAME/DNAME
+  chain (CNAME cloaking), or an address in the group's block_answer_prefixes (unless it lies
+  in egress.never).
+Building one reads files and may take seconds for large lists, so it is done off the event
+loop and swapped in whole (see blockd.reload).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from blockd.classify import PrefixTable, parse_address
+from blockd.answer import AnswerInfo
+from blockd.classify import IPAddress, IPNetwork, PrefixTable, parse_address
 from blockd.config import BLOCKING_ACTIONS, Config
+from blockd.egress import PrefixLoadError, load_prefix_files
 from blockd.lists import DomainList, LineError, ListLoadError, load_list
 from blockd.matcher import DomainIndex, SuffixSet
 
 NO_GROUP = "none"  # the metrics/log label for clients in no group
 _CLIENT_CACHE_LIMIT = 65536
+
+# Escape hatches to encrypted DNS, closed by default for blocking groups (each switchable).
+# The canary and Private Relay names must get a negative answer: a sinkhole address is a
+# positive answer, which Firefox reads as "DoH allowed".  DDR (RFC 9462) discovery gets NODATA
+# so clients cannot find and upgrade to an encrypted resolver.
+BUILTIN = {
+    "firefox-canary": ("block_firefox_canary", "nxdomain", ("use-application-dns.net",)),
+    "icloud-private-relay": ("block_private_relay", "nxdomain", ("mask.icloud.com", "mask-h2.icloud.com")),
+    "ddr": ("block_ddr", "nodata", ("resolver.arpa",)),
+}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -32,6 +53,7 @@ class Group:
     order: tuple[int, ...]
     list_actions: Mapping[str, str]
     allow: SuffixSet
+    answer_prefixes: PrefixTable[str] | None  # address -> prefix-file name
 
     @property
     def blocks(self) -> bool:
@@ -43,12 +65,13 @@ class Group:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A listed name matched for a group."""
+    """A listed name (or a blocked answer address) matched for a group."""
 
     group: Group
     list_name: str
-    domain: str  # the listed name that matched
+    domain: str  # the listed name that matched, or the answer address
     action: str  # effective action: a blocking action, or "monitor"
+    via: str = "question"  # question | cname | address
 
     @property
     def blocks(self) -> bool:
@@ -56,7 +79,8 @@ class Verdict:
 
     @property
     def ede_text(self) -> str:
-        return f"blocked by blockd: {self.domain} on list {self.list_name}"
+        reason = "" if self.via == "question" else f" (in the {'CNAME chain' if self.via == 'cname' else 'answer'})"
+        return f"blocked by blockd: {self.domain} on list {self.list_name}{reason}"
 
 
 class PolicyError(Exception):
@@ -66,52 +90,97 @@ class PolicyError(Exception):
 
 
 class Policy:
-    def __init__(self, config: Config, lists: Mapping[str, DomainList]):
+    def __init__(
+        self,
+        config: Config,
+        lists: Mapping[str, DomainList],
+        prefix_sets: Mapping[Path, tuple[IPNetwork, ...]] | None = None,
+    ):
         self.config = config
         self.lists = dict(lists)
-        ordered = list(self.lists.values())
-        self.index = DomainIndex(ordered)
+        builtins = [DomainList(name, "<built-in>", frozenset(names)) for name, (_, _, names) in BUILTIN.items()]
+        self.index = DomainIndex(builtins + list(self.lists.values()))
+        prefix_sets = prefix_sets or {}
+        never = PrefixTable((network, True) for network in config.egress.never) if config.egress.never else None
+        self.never = never
         self.groups: dict[str, Group] = {}
         for group_config in config.groups.values():
             names = [n for n in group_config.lists if n in self.lists]
             list_actions = {}
+            if group_config.action in BLOCKING_ACTIONS:
+                for builtin, (switch, action, _) in BUILTIN.items():
+                    if getattr(group_config, switch):
+                        list_actions[builtin] = action
             for name in names:
                 override = config.lists[name].action
                 if group_config.action != "monitor" and override is not None:
                     list_actions[name] = override
                 else:
                     list_actions[name] = group_config.action
+            answer_prefixes = None
+            if group_config.block_answer_prefixes:
+                answer_prefixes = PrefixTable(
+                    (network, path.stem) for path in group_config.block_answer_prefixes for network in prefix_sets[path]
+                )
             self.groups[group_config.name] = Group(
                 name=group_config.name,
                 action=group_config.action,
                 ttl=group_config.ttl,
                 sinkhole_a=group_config.sinkhole_ipv4.packed,
                 sinkhole_aaaa=group_config.sinkhole_ipv6.packed,
-                mask=self.index.mask_for(names),
-                order=tuple(self.index.list_names.index(n) for n in names),
+                mask=self.index.mask_for(list_actions),
+                order=tuple(self.index.list_names.index(n) for n in list_actions),
                 list_actions=list_actions,
                 allow=SuffixSet(set(group_config.allow)),
+                answer_prefixes=answer_prefixes,
             )
-        self._groups_by_network: PrefixTable[Group] = PrefixTable(
-            (network, self.groups[g.name]) for g in config.groups.values() for network in g.networks
-        )
         self._allowed: PrefixTable[bool] = PrefixTable((network, True) for network in config.server.allow)
-        self._clients: dict[str, tuple[bool, Group | None]] = {}
+        self._trusted: PrefixTable[bool] = PrefixTable((n, True) for n in config.server.trusted_forwarders)
+        self.interface_networks: Mapping[str, tuple[IPNetwork, ...]] = {}
+        self._build_classifier()
 
-    def client(self, ip: str) -> tuple[bool, Group | None]:
-        """(may this client query at all, its group or None).  Cached per address."""
+    def _build_classifier(self) -> None:
+        entries = [(network, self.groups[g.name]) for g in self.config.groups.values() for network in g.networks]
+        entries += [
+            (network, self.groups[name]) for name, networks in self.interface_networks.items() for network in networks
+        ]
+        self._groups_by_network: PrefixTable[Group] = PrefixTable(entries)
+        self._clients: dict[str, tuple[bool, Group | None, bool]] = {}
+
+    def with_interface_networks(self, networks: Mapping[str, tuple[IPNetwork, ...]]) -> Policy:
+        """A copy whose groups also hold these networks (learned from interfaces/VLANs)."""
+        clone = copy.copy(self)
+        clone.interface_networks = {name: tuple(n) for name, n in networks.items() if name in self.groups}
+        clone._build_classifier()
+        return clone
+
+    def group_networks(self, name: str) -> tuple[IPNetwork, ...]:
+        """Every network of a group: literal ones and those learned from its interfaces."""
+        literal = self.config.groups[name].networks if name in self.config.groups else ()
+        return tuple(literal) + tuple(self.interface_networks.get(name, ()))
+
+    def blocking_networks(self) -> list[IPNetwork]:
+        return [n for name, group in self.groups.items() if group.blocks for n in self.group_networks(name)]
+
+    def client(self, ip: str) -> tuple[bool, Group | None, bool]:
+        """(may this client query at all, its group or None, is it a trusted forwarder)."""
         cached = self._clients.get(ip)
         if cached is not None:
             return cached
         address = parse_address(ip)
-        result = (bool(self._allowed.lookup(address)), self._groups_by_network.lookup(address))
+        result = (
+            bool(self._allowed.lookup(address)),
+            self._groups_by_network.lookup(address),
+            bool(self._trusted.lookup(address)),
+        )
         if len(self._clients) >= _CLIENT_CACHE_LIMIT:
             self._clients.clear()
         self._clients[ip] = result
         return result
 
-    def group_for(self, ip: str) -> Group | None:
-        return self.client(ip)[1]
+    def group_for_network(self, network: IPNetwork) -> Group | None:
+        """The group of an ECS client prefix: the most specific group network containing all of it."""
+        return self._groups_by_network.lookup_network(network)
 
     def check(self, group: Group, key: str) -> Verdict | None:
         """The verdict for a query name in a group, or None when the name is not listed."""
@@ -121,6 +190,28 @@ class Policy:
         if match is None or group.allow.contains(key):
             return None
         return Verdict(group, match.list_name, match.domain, group.list_actions[match.list_name])
+
+    def check_answer(self, group: Group, info: AnswerInfo) -> Verdict | None:
+        """A verdict when an upstream answer leads to a listed name or a blocked address."""
+        for name in info.names:
+            verdict = self.check(group, name)
+            if verdict is not None:
+                return Verdict(group, verdict.list_name, verdict.domain, verdict.action, "cname")
+        prefixes = group.answer_prefixes
+        if prefixes is not None:
+            for address in _chain(info.addresses, info.hint_addresses):
+                source = prefixes.lookup(address)
+                if source is not None and (self.never is None or self.never.lookup(address) is None):
+                    return Verdict(group, source, str(address), group.action, "address")
+        return None
+
+    def never_routed(self, address: IPAddress) -> bool:
+        return self.never is not None and self.never.lookup(address) is not None
+
+
+def _chain(*groups: Iterable[IPAddress]) -> Iterable[IPAddress]:
+    for group in groups:
+        yield from group
 
 
 def load_lists(config: Config, previous: Policy | None = None) -> tuple[dict[str, DomainList], list[str]]:
@@ -141,6 +232,19 @@ def load_lists(config: Config, previous: Policy | None = None) -> tuple[dict[str
     return lists, errors
 
 
+def load_prefix_sets(config: Config) -> tuple[dict[Path, tuple[IPNetwork, ...]], list[str]]:
+    """Every prefix file the groups name (block_answer_prefixes), with every error."""
+    sets: dict[Path, tuple[IPNetwork, ...]] = {}
+    errors: list[str] = []
+    paths = {path for group in config.groups.values() for path in group.block_answer_prefixes}
+    for path in sorted(paths):
+        try:
+            sets[path] = load_prefix_files([path])
+        except PrefixLoadError as exc:
+            errors.extend(str(e) for e in exc.errors)
+    return sets, errors
+
+
 def shrink_errors(config: Config, lists: Mapping[str, DomainList], previous: Policy) -> list[str]:
     """Refuse a list that came back empty or less than half its serving size (a truncated copy,
     a half-written file) unless the list sets allow_shrink = true."""
@@ -158,16 +262,22 @@ def shrink_errors(config: Config, lists: Mapping[str, DomainList], previous: Pol
 
 
 def build_policy(config: Config, previous: Policy | None = None) -> Policy:
-    """Load lists and compile the snapshot; PolicyError lists every problem.
+    """Load lists and prefix files and compile the snapshot; PolicyError lists every problem.
 
-    previous: the serving policy when reloading (enables the shrink guard and list reuse).
+    previous: the serving policy when reloading (enables the shrink guard and list reuse; the
+    interface networks it learned carry over).
     """
     lists, errors = load_lists(config, previous)
+    prefix_sets, prefix_errors = load_prefix_sets(config)
+    errors.extend(prefix_errors)
     if previous is not None:
         errors.extend(shrink_errors(config, lists, previous))
     if errors:
         raise PolicyError(errors)
-    return Policy(config, lists)
+    policy = Policy(config, lists, prefix_sets)
+    if previous is not None and previous.interface_networks:
+        policy = policy.with_interface_networks(previous.interface_networks)
+    return policy
 
 
 __all__ = ["NO_GROUP", "Group", "LineError", "Policy", "PolicyError", "Verdict", "build_policy", "load_lists"]

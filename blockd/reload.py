@@ -100,9 +100,9 @@ class Reloader:
         started = self.monotonic()
         _log.info("reloading config and lists")
         deferred = self.run_in_thread(self.build, self.current())
-        deferred.addCallbacks(
-            self._succeeded, self._failed, callbackArgs=(covering, started), errbackArgs=(covering, started)
-        )
+        # Errback after callback: an exception while applying a built policy is a failed reload too.
+        deferred.addCallback(self._succeeded, covering, started)
+        deferred.addErrback(self._failed, covering, started)
         deferred.addErrback(lambda failure: _log.failure("reload bookkeeping failed", failure))
         deferred.addBoth(self._finished)
 

@@ -1,24 +1,31 @@
 """The query path: bytes in, bytes out.
 
-    parse (fast path, dnslib fallback) -> allowed? -> classify client -> policy -> forward
+    parse (fast path, dnslib fallback) -> allowed? -> classify client (ECS from trusted
+    forwarders) -> policy on the question -> cache -> upstreams -> policy on the answer
 
-Blocked names are answered here from bytes without touching dnslib; everything else goes to
-the upstreams, and the answer is fitted to the client (ID restored, TC when it does not fit
-the client's UDP size).  The policy snapshot is read once per query, so a reload swapping it
-never changes a query half-way.  Errors map to rcodes here and nowhere else.
+Why this order: classification comes first because every later step depends on the group;
+the question is checked before the cache so that a name listed by a reload is blocked on its
+very next query; the cache holds upstream answers *before* policy, and the answer check (CNAME
+cloaking, blocked addresses) runs on every answer, cached or fresh, for the asking client's
+group, so one group's view is never served to another.  Blocked names are answered here from
+bytes; errors map to rcodes here and nowhere else.  The policy snapshot is read once per query,
+so a reload swapping it never changes a query half-way.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from blockd import slowpath, wire
+from blockd.answer import AnswerInfo, MalformedAnswer, analyze
+from blockd.cache import AnswerCache, CacheEntry, CacheKey, cache_key, render
 from blockd.metrics import Metrics
 from blockd.policy import NO_GROUP, Group, Policy, Verdict
 from blockd.upstream import UpstreamError, Upstreams
@@ -41,6 +48,35 @@ def _no_log(
     return None
 
 
+def _ignore_answer(info: AnswerInfo, verdict: Verdict | None, group: Group | None) -> None:
+    return None
+
+
+class _Asker:
+    """One client waiting for a forwarded answer (several share one upstream query)."""
+
+    __slots__ = ("client", "deferred", "group", "policy", "query", "record", "transport", "verdict")
+
+    def __init__(
+        self,
+        query: Query,
+        record: Any,
+        client: str,
+        group: Group | None,
+        verdict: Verdict | None,
+        transport: str,
+        policy: Policy,
+    ):
+        self.query = query
+        self.record = record
+        self.client = client
+        self.group = group
+        self.verdict = verdict
+        self.transport = transport
+        self.policy = policy
+        self.deferred: defer.Deferred[bytes | None] = defer.Deferred()
+
+
 class Resolver:
     def __init__(
         self,
@@ -48,11 +84,22 @@ class Resolver:
         upstreams: Upstreams,
         metrics: Metrics,
         query_log: QueryObserver = _no_log,
+        cache: AnswerCache | None = None,
+        clock: IReactorTime | None = None,
+        forward_ecs: bool = False,
+        on_answer: Callable[[AnswerInfo, Verdict | None, Group | None], None] = _ignore_answer,
     ):
         self.policy = policy
         self.upstreams = upstreams
         self.metrics = metrics
         self.query_log = query_log
+        self.cache = cache if cache is not None else AnswerCache(size=0)
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+        self.clock = clock
+        self.forward_ecs = forward_ecs
+        self.on_answer = on_answer  # egress learning sees every upstream answer with its verdict
+        self.in_flight: dict[CacheKey, list[_Asker]] = {}
 
     def handle(self, data: bytes, client: str, transport: str) -> bytes | defer.Deferred[bytes | None] | None:
         """Answer one query: bytes now, a Deferred for forwarded queries, None to drop."""
@@ -75,7 +122,13 @@ class Resolver:
             return slowpath.badvers_response(exc.query)
 
         policy = self.policy()
-        allowed, group = policy.client(client)
+        allowed, group, trusted = policy.client(client)
+        if trusted and query.options:
+            ecs = wire.ecs_option(query)
+            if ecs is not None:
+                network = wire.parse_ecs(ecs)
+                if network is not None:
+                    group = policy.group_for_network(network)
         metrics.count_query(group.name if group is not None else NO_GROUP, transport, query.qtype)
         if not allowed:
             metrics.count_response(wire.RCODE_REFUSED)
@@ -86,42 +139,88 @@ class Resolver:
         if verdict is not None:
             metrics.count_blocked(group.name, verdict.list_name, verdict.action)  # type: ignore[union-attr]
             if verdict.blocks:
-                answer = self._blocked(query, record, verdict)
-                rcode = answer[3] & 0x0F
-                metrics.count_response(rcode)
-                self.query_log(client, group, query, verdict, rcode)
-                return answer
+                return self._blocked(client, query, record, verdict)
 
-        deferred = self.upstreams.resolve(query.raw, query.question)
-        return deferred.addCallbacks(
-            self._fit,
-            self._servfail,
-            callbackArgs=(query, transport, client, group, verdict),
-            errbackArgs=(query, client, group, verdict),
+        asker = _Asker(query, record, client, group, verdict, transport, policy)
+        key = cache_key(query)
+        now = self.clock.seconds()
+        entry = self.cache.get(key, now)
+        if entry is not None:
+            return self._from_upstream(asker, entry, now)
+        waiting = self.in_flight.get(key)
+        if waiting is not None:
+            waiting.append(asker)  # the same question is already upstream: share its answer
+            return asker.deferred
+        self.in_flight[key] = [asker]
+        message = self._upstream_message(query, record)
+        self.upstreams.resolve(message, query.question).addCallbacks(
+            self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,)
         )
+        return asker.deferred
 
-    def _blocked(self, query: Query, record: object, verdict: Verdict) -> bytes:
+    def _upstream_message(self, query: Query, record: Any) -> bytes:
+        if record is None:
+            return wire.upstream_message(query, self.forward_ecs)
+        return query.raw  # unusual queries (slow path) go upstream as the client sent them
+
+    def _blocked(self, client: str, query: Query, record: Any, verdict: Verdict) -> bytes:
         group = verdict.group
         if record is None:
-            return wire.blocked_response(
+            answer = wire.blocked_response(
                 query, verdict.action, group.ttl, group.sinkhole_a, group.sinkhole_aaaa, verdict.ede_text
             )
-        return slowpath.blocked_response_slow(
-            record,  # type: ignore[arg-type]
-            query,
-            verdict.action,
-            group.ttl,
-            group.sinkhole_a,
-            group.sinkhole_aaaa,
-            verdict.ede_text,
-        )
+        else:
+            answer = slowpath.blocked_response_slow(
+                record, query, verdict.action, group.ttl, group.sinkhole_a, group.sinkhole_aaaa, verdict.ede_text
+            )
+        rcode = answer[3] & 0x0F
+        self.metrics.count_response(rcode)
+        self.query_log(client, group, query, verdict, rcode)
+        return answer
 
-    def _fit(
-        self, answer: bytes, query: Query, transport: str, client: str, group: Group | None, verdict: Verdict | None
-    ) -> bytes:
-        """The upstream answer with the client's ID, truncated (TC) if it exceeds the client's UDP size."""
-        answer = struct.pack("!H", query.id) + answer[2:]
-        if transport == "udp" and len(answer) > query.response_limit:
+    def _answered(self, answer: bytes, key: CacheKey) -> None:
+        askers = self.in_flight.pop(key, [])
+        now = self.clock.seconds()
+        try:
+            info = analyze(answer)
+        except MalformedAnswer as exc:
+            _log.warn("malformed upstream answer for {name}: {error}", name=key[0], error=exc)
+            for asker in askers:
+                asker.deferred.callback(self._servfail(asker, "malformed upstream answer"))
+            return
+        entry = self.cache.entry_for(answer, info, now)
+        self.cache.put(key, entry)
+        for asker in askers:
+            try:
+                result = self._from_upstream(asker, entry, now)
+            except Exception:  # noqa: BLE001 - one asker's failure must not strand the others
+                _log.failure("answering {name} failed", name=asker.query.key)
+                result = self._servfail(asker, "internal error")
+            asker.deferred.callback(result)
+
+    def _failed(self, failure: Failure, key: CacheKey) -> None:
+        if not failure.check(UpstreamError):
+            _log.failure("forwarding {name} failed", failure, name=key[0])
+        for asker in self.in_flight.pop(key, []):
+            asker.deferred.callback(self._servfail(asker, "no upstream answered"))
+
+    def _from_upstream(self, asker: _Asker, entry: CacheEntry, now: float) -> bytes:
+        """An upstream answer (cached or fresh) for one client, after the answer policy."""
+        query, group = asker.query, asker.group
+        info = entry.info
+        verdict = asker.verdict
+        if group is not None and group.mask | (group.answer_prefixes is not None):
+            answer_verdict = asker.policy.check_answer(group, info)
+            if answer_verdict is not None:
+                if asker.verdict is None:  # a question already listed was counted on the way in
+                    self.metrics.count_blocked(group.name, answer_verdict.list_name, answer_verdict.action)
+                if answer_verdict.blocks:
+                    self.on_answer(info, answer_verdict, group)
+                    return self._blocked(asker.client, query, asker.record, answer_verdict)
+                verdict = verdict or answer_verdict
+        self.on_answer(info, verdict, group)
+        answer = render(entry, query, now)
+        if asker.transport == "udp" and len(answer) > query.response_limit:
             flags = struct.unpack_from("!H", answer, 2)[0]
             opt = wire.opt_record(query.dnssec_ok) if query.edns else b""
             answer = (
@@ -129,14 +228,10 @@ class Resolver:
             )
         rcode = answer[3] & 0x0F
         self.metrics.count_response(rcode)
-        self.query_log(client, group, query, verdict, rcode)
+        self.query_log(asker.client, group, query, verdict, rcode)
         return answer
 
-    def _servfail(
-        self, failure: Failure, query: Query, client: str, group: Group | None, verdict: Verdict | None
-    ) -> bytes:
-        if not failure.check(UpstreamError):
-            _log.failure("forwarding {name} failed", failure, name=query.key)
+    def _servfail(self, asker: _Asker, reason: str) -> bytes:
         self.metrics.count_response(wire.RCODE_SERVFAIL)
-        self.query_log(client, group, query, verdict, wire.RCODE_SERVFAIL)
-        return wire.error_response(query, wire.RCODE_SERVFAIL, wire.EDE_NO_REACHABLE_AUTHORITY, "no upstream answered")
+        self.query_log(asker.client, asker.group, asker.query, asker.verdict, wire.RCODE_SERVFAIL)
+        return wire.error_response(asker.query, wire.RCODE_SERVFAIL, wire.EDE_NO_REACHABLE_AUTHORITY, reason)

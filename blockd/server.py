@@ -125,7 +125,9 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:  # noqa: N802 (Twisted API)
         if self.pending:
-            self.resetTimeout()  # a query still being answered keeps the connection open
+            # A query still being answered keeps the connection open.  TimeoutMixin has already
+            # dropped its timer when this runs, so re-arm it (resetTimeout would be a no-op).
+            self.setTimeout(self.factory.idle_timeout)
             return
         self.transport.loseConnection()
 

@@ -55,10 +55,43 @@ def parse_query_slow(data: bytes) -> tuple[Query, DNSRecord]:
         query.edns = True
         query.udp_size = opt.rclass
         query.dnssec_ok = bool(opt.ttl & 0x8000)
-        query.options = [(option.code, bytes(option.data)) for option in opt.rdata]
+        query.options = _opt_options(data, query_id, flags)
         if (opt.ttl >> 16) & 0xFF != 0:
             raise BadVersion(query)
     return query, record
+
+
+def _opt_options(data: bytes, query_id: int, flags: int) -> list[tuple[int, bytes]]:
+    """The options of the query's OPT record, read from the wire as wire.parse_query reads them.
+
+    dnslib stops reading options when four or fewer bytes remain: it drops a trailing option
+    without data (an NSID request, empty padding) and ignores a truncated one, so both paths
+    would disagree.  Only called once DNSRecord.parse has accepted data.
+    """
+    buffer = DNSBuffer(data)
+    _id, _flags, qdcount, ancount, nscount, arcount = buffer.unpack("!HHHHHH")
+    for _ in range(qdcount):
+        buffer.decode_name()
+        buffer.get(4)
+    for index in range(ancount + nscount + arcount):
+        buffer.decode_name()
+        rtype, _rclass, _ttl, rdlength = buffer.unpack("!HHIH")
+        rdata = bytes(buffer.get(rdlength))
+        if rtype != QTYPE.OPT or index < ancount + nscount:
+            continue
+        options = []
+        at = 0
+        while at < rdlength:
+            if at + 4 > rdlength:
+                raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, "EDNS option truncated")
+            code, length = struct.unpack_from("!HH", rdata, at)
+            at += 4
+            if at + length > rdlength:
+                raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, "EDNS option truncated")
+            options.append((code, rdata[at : at + length]))
+            at += length
+        return options
+    return []
 
 
 def badvers_response(query: Query) -> bytes:
@@ -108,4 +141,4 @@ def blocked_response_slow(
     if query.edns:
         ede = EDNSOption(wire.EDNS_OPTION_EDE, struct.pack("!H", wire.EDE_BLOCKED) + ede_text.encode("utf-8"))
         reply.add_ar(EDNS0(udp_len=wire.SERVER_UDP_PAYLOAD, flags="do" if query.dnssec_ok else "", opts=[ede]))
-    return reply.pack()
+    return bytes(reply.pack())  # dnslib packs into a bytearray

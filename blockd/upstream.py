@@ -49,7 +49,9 @@ def answer_matches(answer: bytes, query_id: int, question: bytes) -> bool:
     answer_id, flags, qdcount = struct.unpack_from("!HHH", answer)
     if answer_id != query_id or not flags & FLAG_QR or qdcount != 1:
         return False
-    return answer[12 : 12 + len(question)].lower() == question.lower()
+    end = 12 + len(question)
+    # The name ignoring case; type and class exactly (lowercasing them would alias 65 and 97).
+    return answer[12 : end - 4].lower() == question[:-4].lower() and answer[end - 4 : end] == question[-4:]
 
 
 @implementer(IReadDescriptor)

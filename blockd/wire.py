@@ -8,6 +8,7 @@ dnslib; tests prove both give identical bytes for every query the fast path acce
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 from blockd.names import key_from_wire_labels
@@ -168,6 +169,9 @@ def parse_query(data: bytes) -> Query | None:
     qtype, qclass = _TYPE_CLASS.unpack_from(data, pos)
     if qclass != CLASS_IN:
         return None
+    if not labels:
+        # The root: dnslib writes its one-byte owner name, not the 0xC00C pointer used below.
+        return None
     key = key_from_wire_labels(labels)
     if "\\" in key or key.endswith("invalid"):
         # Escaped bytes, or a name whose suffix could be compressed against the SOA's names.
@@ -283,3 +287,51 @@ def error_response(query: Query, rcode: int, ede_code: int | None = None, ede_te
 
 def header_only_response(query_id: int, query_flags: int, rcode: int) -> bytes:
     return _HEADER.pack(query_id, _response_flags(query_flags, rcode), 0, 0, 0, 0)
+
+
+EDNS_OPTION_COOKIE = 10
+# Options that belong to one hop (RFC 6891 6.1.1: OPT is hop-by-hop): a forwarder must not
+# pass the client's cookie upstream (RFC 7873), and ECS is sent only when configured.
+_HOP_BY_HOP = frozenset({EDNS_OPTION_COOKIE})
+
+
+def parse_ecs(data: bytes) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The client subnet of an EDNS Client Subnet option (RFC 7871), or None if malformed."""
+    if len(data) < 4:
+        return None
+    family, source_prefix = struct.unpack_from("!HB", data)
+    address = data[4:]
+    if family == 1 and source_prefix <= 32 and len(address) <= 4:
+        try:
+            return ipaddress.IPv4Network((int.from_bytes(address.ljust(4, b"\0"), "big"), source_prefix), strict=False)
+        except ValueError:
+            return None
+    if family == 2 and source_prefix <= 128 and len(address) <= 16:
+        try:
+            return ipaddress.IPv6Network((int.from_bytes(address.ljust(16, b"\0"), "big"), source_prefix), strict=False)
+        except ValueError:
+            return None
+    return None
+
+
+def ecs_option(query: Query) -> bytes | None:
+    for code, data in query.options:
+        if code == EDNS_OPTION_ECS:
+            return data
+    return None
+
+
+def upstream_message(query: Query, forward_ecs: bool) -> bytes:
+    """The query as sent upstream: the client's bytes, less the hop-by-hop EDNS options."""
+    if query.opt_offset < 0 or not query.options:
+        return query.raw
+    kept = [
+        (code, data)
+        for code, data in query.options
+        if code not in _HOP_BY_HOP and (forward_ecs or code != EDNS_OPTION_ECS)
+    ]
+    if len(kept) == len(query.options):
+        return query.raw
+    rdata = b"".join(struct.pack("!HH", code, len(data)) + data for code, data in kept)
+    fixed = query.raw[query.opt_offset : query.opt_offset + 9]  # root name, type, class, TTL
+    return query.raw[: query.opt_offset] + fixed + struct.pack("!H", len(rdata)) + rdata

@@ -59,7 +59,7 @@ def test_blocked_counter_rises_by_exactly_n(make_daemon) -> None:
     assert after[("blockd_list_domains", (("list", "extra"),))] == 3
     assert after[("blockd_build_info", (("version", "0.1.0"),))] == 1
     upstream = [k for k in after if k[0] == "blockd_upstream_requests_total" and ("result", "success") in k[1]]
-    assert upstream and after[upstream[0]] >= 6
+    assert upstream and after[upstream[0]] >= 1  # repeated names come from the cache
     # No client address or query name ever appears as a label value.
     _, text = fetch(daemon, "/metrics")
     for client in (GOV, OTHER, "127.0.0.4"):

@@ -43,7 +43,7 @@ def test_blocked_lookups_visible_in_prometheus(make_daemon, tmp_path: Path) -> N
             f"--web.listen-address=127.0.0.1:{port}",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "prometheus.log", "wb"),  # noqa: SIM115 - kept open for the process's life
+        stderr=open(tmp_path / "prometheus.log", "wb"),
     )
     try:
         for index in range(25):

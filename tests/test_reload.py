@@ -137,8 +137,14 @@ def test_sighups_during_a_reload_are_not_lost(reloadable, test_lists) -> None:
             break
         time.sleep(0.1)
     assert addresses(daemon.query("burst4.example", source="127.0.0.7")) == ["0.0.0.0"]  # the latest files won
-    status = json.loads(daemon.pidfile.with_name("blockd.reload.json").read_text())
-    assert status["signals"] == 5 and status["covered"] == 5 and status["result"] == "success"
+    status_path = daemon.pidfile.with_name("blockd.reload.json")
+    while time.monotonic() < deadline:  # a last pending build may still be running
+        status = json.loads(status_path.read_text())
+        if status["covered"] == status["signals"] and status["result"] != "none":
+            break
+        time.sleep(0.05)
+    # The kernel may merge signals sent back to back; every one received was covered.
+    assert 1 <= status["signals"] <= 5 and status["covered"] == status["signals"] and status["result"] == "success"
 
 
 def test_logrotate_rename_and_sighup_keeps_logging(reloadable, tmp_path) -> None:
