@@ -80,8 +80,10 @@ def read_name(data: bytes, pos: int) -> tuple[list[bytes], int]:
         if length == 0:
             return labels, (end if end >= 0 else pos + 1)
         length_total += length + 1
-        if length_total > 255 or pos + 1 + length > size:
+        if length_total > 254:  # 255 octets on the wire, counting the root's zero byte
             raise MalformedAnswer("name too long")
+        if pos + 1 + length > size:
+            raise MalformedAnswer("label runs past the end")
         labels.append(data[pos + 1 : pos + 1 + length])
         pos += 1 + length
 
@@ -114,6 +116,8 @@ def analyze(answer: bytes) -> AnswerInfo:
     for _ in range(qdcount):
         _labels, pos = read_name(answer, pos)
         pos += 4
+        if pos > len(answer):
+            raise MalformedAnswer("question truncated")
     names: list[str] = []
     addresses: list[IPAddress] = []
     hints: list[IPAddress] = []
@@ -126,12 +130,14 @@ def analyze(answer: bytes) -> AnswerInfo:
             if pos + 10 > size:
                 raise MalformedAnswer("record header truncated")
             rtype, _rclass, ttl, rdlength = _RR.unpack_from(answer, pos)
+            if ttl & 0x80000000:
+                ttl = 0  # RFC 2181 section 8: a TTL with the top bit set counts as zero
             rdata = pos + 10
             end = rdata + rdlength
             if end > size:
                 raise MalformedAnswer("rdata truncated")
             if rtype != TYPE_OPT:
-                ttl_fields.append((pos + 4, ttl & 0x7FFFFFFF))
+                ttl_fields.append((pos + 4, ttl))
             if section == 1:
                 names.append(key_from_wire_labels(owner))
                 if rtype in (TYPE_CNAME, TYPE_DNAME):

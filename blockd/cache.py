@@ -58,16 +58,33 @@ def render(entry: CacheEntry, query: Query, now: float) -> bytes:
 
 class AnswerCache:
     def __init__(self, size: int = 100_000, min_ttl: int = 0, max_ttl: int = 86400):
-        self.size = size
-        self.min_ttl = min_ttl
-        self.max_ttl = max_ttl
         self._entries: OrderedDict[CacheKey, CacheEntry] = OrderedDict()
         self.requests = 0
         self.hits = 0
         self.evictions = 0
+        self.size = size
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, size: int) -> None:
+        # A reload may shrink the cache (or set 0 to turn it off): trim now, not at the next put,
+        # so that entries beyond the new size are never served.
+        self._size = size
+        self._trim()
+
+    def _trim(self) -> None:
+        entries = self._entries
+        while len(entries) > max(self._size, 0):
+            entries.popitem(last=False)
+            self.evictions += 1
 
     def get(self, key: CacheKey, now: float) -> CacheEntry | None:
         self.requests += 1
@@ -99,9 +116,7 @@ class AnswerCache:
         entries = self._entries
         entries[key] = entry
         entries.move_to_end(key)
-        while len(entries) > self.size:
-            entries.popitem(last=False)
-            self.evictions += 1
+        self._trim()
 
     def clear(self) -> None:
         self._entries.clear()

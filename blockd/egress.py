@@ -511,11 +511,10 @@ def apply_to(state: KernelState, plan: Plan) -> KernelState:
     rules.extend(r for r in plan.add_rules if r not in rules)
     for rule in plan.del_rules:
         _remove_one(rules, rule)
-    remaining = list(plan.del_routes)
-    for route in conflicting:
-        _remove_one(remaining, route)
-    for route in remaining:
-        _remove_one(routes, route)
+    replaced = {r.key for r in plan.add_routes}
+    for route in plan.del_routes:
+        if route.key not in replaced:
+            _remove_one(routes, route)
     return KernelState(tuple(rules), tuple(routes))
 
 

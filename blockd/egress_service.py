@@ -13,6 +13,8 @@ run on the reactor thread; only the kernel dump and the apply run in the worker.
                       that define groups, on netlink address/link changes and on a timer, and
                       reports the mapping when it changed.
   NetlinkServices     owns the worker thread and the notification watcher; parent of both.
+  FollowUpLookups     after a sinkholed lookup, resolves the name upstream in the background
+                      (deduplicated, rate-limited) and learns its addresses.
 
 Metrics: the service reports each reconcile to a callback as a ReconcileReport; the learned
 counters live on LearnedAddresses and are read at scrape time.  Names (defined in
@@ -206,6 +208,7 @@ class EgressService(service.Service):
         # Expiries within this many seconds of each other are removed in one reconcile.
         self.expiry_batch = expiry_batch
         self.last_desired: DesiredState | None = None
+        self.ready: defer.Deferred[None] = defer.Deferred()
         self._reconciler = Coalescer(self._reconcile)
         self._reconciler.enabled = False
         self._loop: task.LoopingCall | None = None
@@ -216,7 +219,8 @@ class EgressService(service.Service):
     def startService(self) -> None:  # noqa: N802 (Twisted API)
         super().startService()
         self._reconciler.enabled = True
-        self.request_reconcile()
+        # Fires after the first reconcile (success or failure), e.g. to open listeners only then.
+        self.ready = self.request_reconcile()
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.clock
         self._loop.start(self.settings.reconcile_interval, now=False)
@@ -346,6 +350,91 @@ class EgressService(service.Service):
         self._schedule_expiry()
 
 
+# -- background lookups for sinkholed names ------------------------------------------------------
+
+TYPE_A = 1
+TYPE_AAAA = 28
+
+
+class FollowUpLookups:
+    """Resolves sinkholed names upstream in the background, to learn what the device was after.
+
+    A government device whose lookup was sinkholed got no address, yet may hold one from
+    elsewhere (another resolver, DoH, a hard-coded list).  Looking the name up ourselves (A and
+    AAAA) puts those addresses into blockd's table too.  Deduplicated: one lookup per name in
+    flight, and none again for `min_interval` seconds after it finished (learned routes live
+    far longer); rate-limited by a token bucket (`rate` per second, `burst`); a bounded number
+    in flight.  What is dropped is counted, never queued.
+
+    resolve(name, qtype) -> Deferred of (addresses, ttl) is the upstream client (the daemon
+    adapts Upstreams + blockd.answer.analyze to it); learn is EgressService.learn.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        resolve: Callable[[str, int], defer.Deferred[tuple[Iterable[IPAddress | str], float]]],
+        learn: Callable[[Iterable[IPAddress | str], float], object],
+        rate: float = 5.0,
+        burst: int = 20,
+        max_in_flight: int = 16,
+        min_interval: float = 1800.0,
+        max_remembered: int = 10000,
+    ):
+        self.clock = clock
+        self.resolve = resolve
+        self.learn = learn
+        self.rate = rate
+        self.burst = burst
+        self.max_in_flight = max_in_flight
+        self.min_interval = min_interval
+        self.max_remembered = max_remembered
+        self._tokens = float(burst)
+        self._refilled = clock.seconds()
+        self._in_flight: set[str] = set()
+        self._done: dict[str, float] = {}  # name -> when its lookups finished (insertion-ordered)
+        self.started_total = 0
+        self.deduplicated_total = 0
+        self.rate_limited_total = 0
+        self.failed_total = 0
+
+    def request(self, name: str) -> bool:
+        """Look name up in the background unless a recent or running lookup covers it."""
+        now = self.clock.seconds()
+        finished = self._done.get(name)
+        if name in self._in_flight or (finished is not None and now - finished < self.min_interval):
+            self.deduplicated_total += 1
+            return False
+        self._tokens = min(float(self.burst), self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        if self._tokens < 1 or len(self._in_flight) >= self.max_in_flight:
+            self.rate_limited_total += 1
+            return False
+        self._tokens -= 1
+        self._in_flight.add(name)
+        self.started_total += 1
+        lookups = [self._lookup(name, qtype) for qtype in (TYPE_A, TYPE_AAAA)]
+        defer.DeferredList(lookups).addCallback(lambda _: self._finished(name))
+        return True
+
+    def _lookup(self, name: str, qtype: int) -> defer.Deferred[None]:
+        lookup = defer.maybeDeferred(self.resolve, name, qtype)
+        lookup.addCallback(lambda result: self.learn(*result))
+        lookup.addErrback(self._failed, name)
+        return lookup
+
+    def _failed(self, failure: Failure, name: str) -> None:
+        self.failed_total += 1
+        _log.debug("egress: background lookup of {name} failed: {error}", name=name, error=failure.getErrorMessage())
+
+    def _finished(self, name: str) -> None:
+        self._in_flight.discard(name)
+        self._done.pop(name, None)
+        self._done[name] = self.clock.seconds()
+        while len(self._done) > self.max_remembered:
+            del self._done[next(iter(self._done))]
+
+
 # -- interface-defined groups ------------------------------------------------------------------
 
 
@@ -393,6 +482,7 @@ class InterfaceNetworks(service.Service):
         self.on_change = on_change
         self.interval = interval
         self.current: InterfaceMap | None = None
+        self.ready: defer.Deferred[None] = defer.Deferred()
         self._missing: set[tuple[str, str]] = set()
         self._refresher = Coalescer(self._refresh)
         self._refresher.enabled = False
@@ -401,7 +491,8 @@ class InterfaceNetworks(service.Service):
     def startService(self) -> None:  # noqa: N802 (Twisted API)
         super().startService()
         self._refresher.enabled = True
-        self.request_refresh()
+        # Fires after the first read: the daemon should classify clients only from then on.
+        self.ready = self.request_refresh()
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False)

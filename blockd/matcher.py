@@ -9,13 +9,12 @@ group's mask selects: a few dict probes per query, independent of list size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from blockd.lists import DomainList
 
 
-@dataclass(frozen=True)
-class Match:
+class Match(NamedTuple):  # a tuple: created on every blocked query, so it must be cheap
     list_name: str
     domain: str  # the listed name that matched (an ancestor of, or equal to, the query name)
 

@@ -14,6 +14,7 @@ MAX_LABEL_LENGTH = 63
 
 _LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 _SAFE_LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_*")
+_UNSAFE_BYTE = re.compile(rb"[^a-z0-9_*.-]")
 
 
 class InvalidNameError(ValueError):
@@ -53,6 +54,10 @@ def normalize(text: str) -> str:
 
 def key_from_wire_labels(labels: list[bytes]) -> str:
     """The lookup key for a name read off the wire (labels without length bytes)."""
+    joined = b".".join(labels).lower()
+    # Common case in one C-level scan: only key characters, and no "." inside a label.
+    if _UNSAFE_BYTE.search(joined) is None and joined.count(b".") == max(len(labels) - 1, 0):
+        return joined.decode("ascii")
     out = []
     for label in labels:
         lowered = label.lower()

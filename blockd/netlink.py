@@ -304,7 +304,7 @@ class NetlinkAdapter:
             "dst_len": route.destination.prefixlen,
             "table": route.table,
             "proto": route.proto,
-            "type": _ROUTE_TYPE_IDS.get(route.type, route.type),
+            "type": _ROUTE_TYPE_IDS.get(route.type) or int(route.type),  # unknown types are kept as numbers
         }
         if route.metric is not None:
             # IPv6 deletes ignore the type; the metric makes them name exactly one route.

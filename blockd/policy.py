@@ -30,6 +30,7 @@ from blockd.matcher import DomainIndex, SuffixSet
 
 NO_GROUP = "none"  # the metrics/log label for clients in no group
 _CLIENT_CACHE_LIMIT = 65536
+_VERDICT_MEMO_LIMIT = 65536
 
 # Escape hatches to encrypted DNS, closed by default for blocking groups (each switchable).
 # The canary and Private Relay names must get a negative answer: a sinkhole address is a
@@ -137,6 +138,7 @@ class Policy:
         self._allowed: PrefixTable[bool] = PrefixTable((network, True) for network in config.server.allow)
         self._trusted: PrefixTable[bool] = PrefixTable((n, True) for n in config.server.trusted_forwarders)
         self.interface_networks: Mapping[str, tuple[IPNetwork, ...]] = {}
+        self._verdicts: dict[tuple[str, object], Verdict] = {}
         self._build_classifier()
 
     def _build_classifier(self) -> None:
@@ -189,7 +191,15 @@ class Policy:
         match = self.index.lookup(key, group.mask, group.order)
         if match is None or group.allow.contains(key):
             return None
-        return Verdict(group, match.list_name, match.domain, group.list_actions[match.list_name])
+        # Verdicts are immutable: reuse them rather than build one per blocked query.
+        memo_key = (group.name, match)
+        verdict = self._verdicts.get(memo_key)
+        if verdict is None:
+            if len(self._verdicts) >= _VERDICT_MEMO_LIMIT:
+                self._verdicts.clear()
+            verdict = Verdict(group, match.list_name, match.domain, group.list_actions[match.list_name])
+            self._verdicts[memo_key] = verdict
+        return verdict
 
     def check_answer(self, group: Group, info: AnswerInfo) -> Verdict | None:
         """A verdict when an upstream answer leads to a listed name or a blocked address."""

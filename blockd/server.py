@@ -30,9 +30,13 @@ class DNSDatagramProtocol(protocol.DatagramProtocol):
         self.resolver = resolver
 
     def startProtocol(self) -> None:  # noqa: N802 (Twisted API)
+        sock = getattr(self.transport, "socket", None)
+        # Answers go straight to the socket: Port.write re-validates the address on every
+        # datagram, which costs more than building a blocked answer.
+        self._sendto = sock.sendto if sock is not None else self.transport.write
         # A deep receive queue absorbs bursts instead of dropping them in the kernel.
         try:
-            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
         except (AttributeError, OSError):
             pass
 
@@ -54,7 +58,9 @@ class DNSDatagramProtocol(protocol.DatagramProtocol):
         if answer is None:
             return
         try:
-            self.transport.write(answer, addr)
+            self._sendto(answer, addr)
+        except BlockingIOError:
+            self.resolver.metrics.count_drop("send_error")  # send buffer full: UDP may drop
         except OSError as exc:
             self.resolver.metrics.count_drop("send_error")
             _log.warn("cannot send answer to {client}: {error}", client=addr[0], error=exc)

@@ -35,6 +35,7 @@ class FakeVerdict:
     list_name: str
     domain: str
     action: str
+    via: str = "question"
 
 
 GOV = FakeGroup("government")
@@ -129,6 +130,7 @@ def test_a_blocked_line_has_every_field() -> None:
         "action": "sinkhole",
         "list": "tiktok",
         "domain": "tiktok.com",
+        "via": "question",
         "rcode": "NOERROR",
     }
     assert "\n" not in line and ": " not in line  # one compact object per line
