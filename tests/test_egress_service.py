@@ -25,8 +25,11 @@ from blockd.egress import (
     apply_to,
 )
 from blockd.egress_service import (
+    TYPE_A,
+    TYPE_AAAA,
     Coalescer,
     EgressService,
+    FollowUpLookups,
     InterfaceNetworks,
     InterfaceSelector,
     NetlinkServices,
@@ -164,12 +167,14 @@ def test_requests_while_running_collapse_into_one_follow_up_and_none_is_lost():
     s = Setup(runner)
     s.service.startService()
     assert len(runner.queue) == 1  # the start-up reconcile, held open
+    assert not s.service.ready.called
     fired = []
     for _ in range(3):
         s.service.request_reconcile().addCallback(fired.append)
     s.networks = [*s.networks, net("10.121.0.0/24")]  # changed while the first run is open
     assert len(runner.queue) == 1  # never two at once
     runner.run_next()
+    assert s.service.ready.called
     assert len(runner.queue) == 1  # exactly one follow-up
     assert fired == []  # those requests wait for the run that started after them
     runner.run_next()
@@ -328,6 +333,75 @@ def test_coalescer_when_idle():
     assert idle.called
 
 
+# -- FollowUpLookups -----------------------------------------------------------------------------
+
+
+class FakeResolve:
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, int, defer.Deferred[tuple[list[str], float]]]] = []
+
+    def __call__(self, name: str, qtype: int) -> defer.Deferred[tuple[list[str], float]]:
+        d: defer.Deferred[tuple[list[str], float]] = defer.Deferred()
+        self.pending.append((name, qtype, d))
+        return d
+
+    def answer_all(self) -> None:
+        pending, self.pending = self.pending, []
+        for _name, qtype, d in pending:
+            d.callback((["203.0.113.7"] if qtype == TYPE_A else ["2001:db8::7"], 300.0))
+
+
+def make_follow_up(**kwargs: Any) -> tuple[FollowUpLookups, FakeResolve, list, task.Clock]:
+    clock = task.Clock()
+    resolve = FakeResolve()
+    learned: list = []
+    lookups = FollowUpLookups(clock, resolve, lambda addresses, ttl: learned.append((list(addresses), ttl)), **kwargs)
+    return lookups, resolve, learned, clock
+
+
+def test_follow_up_resolves_a_and_aaaa_and_learns_both():
+    lookups, resolve, learned, _clock = make_follow_up()
+    assert lookups.request("tiktok.com")
+    assert [(n, q) for n, q, _ in resolve.pending] == [("tiktok.com", TYPE_A), ("tiktok.com", TYPE_AAAA)]
+    resolve.answer_all()
+    assert learned == [(["203.0.113.7"], 300.0), (["2001:db8::7"], 300.0)]
+
+
+def test_follow_up_is_deduplicated_in_flight_and_for_min_interval():
+    lookups, resolve, _learned, clock = make_follow_up(min_interval=100)
+    assert lookups.request("tiktok.com")
+    assert not lookups.request("tiktok.com")  # in flight
+    resolve.answer_all()
+    clock.advance(99)
+    assert not lookups.request("tiktok.com")  # answered recently
+    clock.advance(1)
+    assert lookups.request("tiktok.com")
+    assert (lookups.started_total, lookups.deduplicated_total) == (2, 2)
+
+
+def test_follow_up_is_rate_limited_and_bounded():
+    lookups, resolve, _learned, clock = make_follow_up(rate=1.0, burst=2, max_in_flight=10)
+    assert [lookups.request(f"n{i}.example") for i in range(4)] == [True, True, False, False]
+    assert lookups.rate_limited_total == 2
+    clock.advance(1)
+    assert lookups.request("n2.example")
+    resolve.answer_all()
+    lookups, resolve, _learned, clock = make_follow_up(rate=100.0, burst=100, max_in_flight=2)
+    assert [lookups.request(f"n{i}.example") for i in range(3)] == [True, True, False]
+    resolve.answer_all()
+    assert lookups.request("n2.example")
+
+
+def test_follow_up_failures_are_counted_and_forgotten():
+    lookups, resolve, learned, _clock = make_follow_up(min_interval=0)
+    lookups.request("tiktok.com")
+    for _name, _qtype, d in resolve.pending:
+        d.errback(AdapterFailure("upstream timeout"))
+    resolve.pending.clear()
+    assert (lookups.failed_total, learned) == (2, [])
+    assert lookups.request("tiktok.com")  # not stuck "in flight"
+
+
 # -- InterfaceNetworks ---------------------------------------------------------------------------
 
 
@@ -346,6 +420,7 @@ def test_interface_networks_reported_at_start_and_only_on_change():
     s.adapter.links = {"veth-gov": (net("10.120.0.0/24"),), "eth0.120": (net("10.121.0.0/24"), net("fd00:120::/64"))}
     s.adapter.vlans = {120: ["eth0.120"]}
     s.service.startService()
+    assert s.service.ready.called
     assert s.changes == [
         {"gov": {"veth-gov": (net("10.120.0.0/24"),), "eth0.120": (net("10.121.0.0/24"), net("fd00:120::/64"))}}
     ]
