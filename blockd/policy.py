@@ -9,7 +9,9 @@ A snapshot answers, on the hot path:
   monitor group only ever monitors;
 - is this upstream answer blocked for that group: a listed name anywhere in its CNAME/DNAME
   chain (CNAME cloaking), or an address in the group's block_answer_prefixes (unless it lies
-  in egress.never).
+  in egress.never);
+- should egress learn this answer's addresses: some name of it is blocked for a blocking group.
+It also holds the [egress] prefixes (loaded when egress is enabled), so they reload with it.
 Building one reads files and may take seconds for large lists, so it is done off the event
 loop and swapped in whole (see blockd.reload).
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockd.answer import AnswerInfo
@@ -55,6 +57,8 @@ class Group:
     list_actions: Mapping[str, str]
     allow: SuffixSet
     answer_prefixes: PrefixTable[str] | None  # address -> prefix-file name
+    # Blocked answers already given, by query bytes after the ID (see blockd.resolver).
+    blocked_answers: dict[bytes, tuple] = field(default_factory=dict)
 
     @property
     def blocks(self) -> bool:
@@ -96,8 +100,10 @@ class Policy:
         config: Config,
         lists: Mapping[str, DomainList],
         prefix_sets: Mapping[Path, tuple[IPNetwork, ...]] | None = None,
+        egress_prefixes: tuple[IPNetwork, ...] = (),
     ):
         self.config = config
+        self.egress_prefixes = egress_prefixes  # [egress] prefixes: prohibit routes in blockd's table
         self.lists = dict(lists)
         builtins = [DomainList(name, "<built-in>", frozenset(names)) for name, (_, _, names) in BUILTIN.items()]
         self.index = DomainIndex(builtins + list(self.lists.values()))
@@ -135,6 +141,7 @@ class Policy:
                 allow=SuffixSet(set(group_config.allow)),
                 answer_prefixes=answer_prefixes,
             )
+        self._blocking_groups = tuple(group for group in self.groups.values() if group.blocks and group.mask)
         self._allowed: PrefixTable[bool] = PrefixTable((network, True) for network in config.server.allow)
         self._trusted: PrefixTable[bool] = PrefixTable((n, True) for n in config.server.trusted_forwarders)
         self.interface_networks: Mapping[str, tuple[IPNetwork, ...]] = {}
@@ -215,6 +222,19 @@ class Policy:
                     return Verdict(group, source, str(address), group.action, "address")
         return None
 
+    def blocks_for_any_blocking_group(self, names: Iterable[str]) -> bool:
+        """Whether some name gets a blocking verdict in some blocking group, whoever asked.
+
+        Egress learns an answer's addresses exactly then: the routes serve every blocking group
+        from one table, so one group's allow exception does not keep an address out of it.
+        """
+        for name in names:
+            for group in self._blocking_groups:
+                verdict = self.check(group, name)
+                if verdict is not None and verdict.blocks:
+                    return True
+        return False
+
     def never_routed(self, address: IPAddress) -> bool:
         return self.never is not None and self.never.lookup(address) is not None
 
@@ -255,6 +275,16 @@ def load_prefix_sets(config: Config) -> tuple[dict[Path, tuple[IPNetwork, ...]],
     return sets, errors
 
 
+def load_egress_prefixes(config: Config) -> tuple[tuple[IPNetwork, ...], list[str]]:
+    """The [egress] prefix files when egress is enabled (else none), with every error."""
+    if not config.egress.enabled:
+        return (), []
+    try:
+        return load_prefix_files(config.egress.prefixes), []
+    except PrefixLoadError as exc:
+        return (), [str(e) for e in exc.errors]
+
+
 def shrink_errors(config: Config, lists: Mapping[str, DomainList], previous: Policy) -> list[str]:
     """Refuse a list that came back empty or less than half its serving size (a truncated copy,
     a half-written file) unless the list sets allow_shrink = true."""
@@ -280,14 +310,26 @@ def build_policy(config: Config, previous: Policy | None = None) -> Policy:
     lists, errors = load_lists(config, previous)
     prefix_sets, prefix_errors = load_prefix_sets(config)
     errors.extend(prefix_errors)
+    egress_prefixes, egress_errors = load_egress_prefixes(config)
+    errors.extend(egress_errors)
     if previous is not None:
         errors.extend(shrink_errors(config, lists, previous))
     if errors:
         raise PolicyError(errors)
-    policy = Policy(config, lists, prefix_sets)
+    policy = Policy(config, lists, prefix_sets, egress_prefixes)
     if previous is not None and previous.interface_networks:
         policy = policy.with_interface_networks(previous.interface_networks)
     return policy
 
 
-__all__ = ["NO_GROUP", "Group", "LineError", "Policy", "PolicyError", "Verdict", "build_policy", "load_lists"]
+__all__ = [
+    "NO_GROUP",
+    "Group",
+    "LineError",
+    "Policy",
+    "PolicyError",
+    "Verdict",
+    "build_policy",
+    "load_egress_prefixes",
+    "load_lists",
+]

@@ -45,6 +45,29 @@ def _json_or_null(value: str | None) -> str:
     return "null" if value is None else _json_string(value)
 
 
+def line_tail(group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False) -> str:
+    """Everything of a log line after the client, as JSON text.
+
+    Assembled by hand with the C string encoder (json.dumps of a dict costs more than answering
+    the query); the same for every repetition of a blocked query, so the resolver keeps it.
+    """
+    if verdict is not None:
+        action, list_name, domain, via = verdict.action, verdict.list_name, verdict.domain, verdict.via
+    else:
+        action = "denied" if denied else "forward"
+        list_name = domain = via = None
+    return (
+        f'"group":{_json_string(group.name if group is not None else NO_GROUP)},'
+        f'"qname":{_json_string(query.key)},'
+        f'"qtype":"{QTYPE_LABELS.get(query.qtype) or query.qtype}",'
+        f'"action":"{action}",'
+        f'"list":{_json_or_null(list_name)},'
+        f'"domain":{_json_or_null(domain)},'
+        f'"via":{_json_or_null(via)},'
+        f'"rcode":"{RCODE_NAMES.get(rcode) or rcode}"}}'
+    )
+
+
 def client_ip_formatter(mode: str) -> Callable[[str], str]:
     if mode == "full":
         return lambda ip: ip
@@ -97,41 +120,34 @@ class QueryLog:
     ) -> None:
         if self.mode == "none" or (self.mode == "blocked" and verdict is None and not denied):
             return
+        self.write(client, line_tail(group, query, verdict, rcode, denied))
+
+    @property
+    def logs_blocked(self) -> bool:
+        return self.mode != "none"
+
+    def write(self, client: str, tail: str) -> None:
+        """Queue one line: the timestamp and client, then a tail made by line_tail()."""
         if len(self.queue) >= QUEUE_LIMIT:
             self.on_drop()
             return
-        if verdict is not None:
-            action, list_name, domain = verdict.action, verdict.list_name, verdict.domain
-        else:
-            action = "denied" if denied else "forward"
-            list_name = domain = None
         now = self.wall_clock()
         second = int(now)
         if second != self._ts_second:  # strftime once a second, not once a line
             self._ts_second = second
             self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        via = verdict.via if verdict is not None else None
-        # Assembled by hand with the C string encoder: json.dumps of a dict costs more than
-        # answering the query.  Field order and content equal json.dumps(record).
         self.queue.append(
             f'{{"ts":"{self._ts_prefix}.{int((now - second) * 1000):03d}Z",'
-            f'"client":{_json_string(self._client(client))},'
-            f'"group":{_json_string(group.name if group is not None else NO_GROUP)},'
-            f'"qname":{_json_string(query.key)},'
-            f'"qtype":"{QTYPE_LABELS.get(query.qtype) or query.qtype}",'
-            f'"action":"{action}",'
-            f'"list":{_json_or_null(list_name)},'
-            f'"domain":{_json_or_null(domain)},'
-            f'"via":{_json_or_null(via)},'
-            f'"rcode":"{RCODE_NAMES.get(rcode) or rcode}"}}'
+            f'"client":{self._client(client)},{tail}'
         )
 
     def _client(self, ip: str) -> str:
+        """The client as JSON text (formatted for privacy), remembered per address."""
         shown = self._clients.get(ip)
         if shown is None:
             if len(self._clients) > 65536:
                 self._clients.clear()
-            shown = self._clients[ip] = self.format_client(ip)
+            shown = self._clients[ip] = _json_string(self.format_client(ip))
         return shown
 
     # -- writer thread ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from blockd.answer import AnswerInfo, MalformedAnswer, analyze
 from blockd.cache import AnswerCache, CacheEntry, CacheKey, cache_key, render
 from blockd.metrics import Metrics
 from blockd.policy import NO_GROUP, Group, Policy, Verdict
+from blockd.querylog import line_tail
 from blockd.upstream import UpstreamError, Upstreams
 from blockd.wire import Query
 
@@ -42,14 +43,29 @@ class QueryObserver(Protocol):
     ) -> None: ...
 
 
-def _no_log(
-    client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False
-) -> None:
-    return None
-
-
 def _ignore_answer(info: AnswerInfo, verdict: Verdict | None, group: Group | None) -> None:
     return None
+
+
+def _ignore_blocked(key: str, verdict: Verdict) -> None:
+    return None
+
+
+class _NoLog:
+    logs_blocked = False
+
+    def __call__(
+        self, client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False
+    ) -> None:
+        return None
+
+    def write(self, client: str, tail: str) -> None:
+        return None
+
+
+# A blocked answer depends only on the query's bytes after the ID and on the group's policy, so
+# each group remembers the answers it gave: a repeated blocked query costs a dict lookup.
+_BLOCKED_MEMO_LIMIT = 50_000
 
 
 class _Asker:
@@ -83,27 +99,42 @@ class Resolver:
         policy: Callable[[], Policy],
         upstreams: Upstreams,
         metrics: Metrics,
-        query_log: QueryObserver = _no_log,
+        query_log: QueryObserver | None = None,
         cache: AnswerCache | None = None,
         clock: IReactorTime | None = None,
         forward_ecs: bool = False,
         on_answer: Callable[[AnswerInfo, Verdict | None, Group | None], None] = _ignore_answer,
+        on_blocked_question: Callable[[str, Verdict], None] = _ignore_blocked,
     ):
         self.policy = policy
         self.upstreams = upstreams
         self.metrics = metrics
-        self.query_log = query_log
+        self.query_log = query_log if query_log is not None else _NoLog()
         self.cache = cache if cache is not None else AnswerCache(size=0)
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[no-redef]
         self.clock = clock
         self.forward_ecs = forward_ecs
         self.on_answer = on_answer  # egress learning sees every upstream answer with its verdict
+        self.on_blocked_question = on_blocked_question  # (query key, verdict) of every blocked question
         self.in_flight: dict[CacheKey, list[_Asker]] = {}
 
     def handle(self, data: bytes, client: str, transport: str) -> bytes | defer.Deferred[bytes | None] | None:
         """Answer one query: bytes now, a Deferred for forwarded queries, None to drop."""
         metrics = self.metrics
+        policy = self.policy()
+        allowed, group, trusted = policy.client(client)
+        if group is not None and allowed and not trusted:
+            memo = group.blocked_answers.get(data[2:])
+            if memo is not None:
+                tail, verdict, key, qtype, log_tail = memo
+                metrics.count_query(group.name, transport, qtype)
+                metrics.count_blocked(group.name, verdict.list_name, verdict.action)
+                metrics.count_response(tail[1] & 0x0F)
+                if self.query_log.logs_blocked:
+                    self.query_log.write(client, log_tail)
+                self.on_blocked_question(key, verdict)
+                return data[:2] + tail
         record = None
         try:
             query = wire.parse_query(data)
@@ -121,8 +152,6 @@ class Resolver:
             metrics.count_response(slowpath.RCODE_BADVERS)
             return slowpath.badvers_response(exc.query)
 
-        policy = self.policy()
-        allowed, group, trusted = policy.client(client)
         if trusted and query.options:
             ecs = wire.ecs_option(query)
             if ecs is not None:
@@ -139,7 +168,15 @@ class Resolver:
         if verdict is not None:
             metrics.count_blocked(group.name, verdict.list_name, verdict.action)  # type: ignore[union-attr]
             if verdict.blocks:
-                return self._blocked(client, query, record, verdict)
+                answer = self._blocked(client, query, record, verdict)
+                self.on_blocked_question(query.key, verdict)
+                if record is None and not trusted:
+                    memo = verdict.group.blocked_answers
+                    if len(memo) >= _BLOCKED_MEMO_LIMIT:
+                        memo.clear()
+                    log_tail = line_tail(verdict.group, query, verdict, answer[3] & 0x0F)
+                    memo[data[2:]] = (answer[2:], verdict, query.key, query.qtype, log_tail)
+                return answer
 
         asker = _Asker(query, record, client, group, verdict, transport, policy)
         key = cache_key(query)
