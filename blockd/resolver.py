@@ -15,6 +15,7 @@ so a reload swapping it never changes a query half-way.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -49,6 +50,11 @@ def _ignore_answer(info: AnswerInfo, verdict: Verdict | None, group: Group | Non
 
 def _ignore_blocked(key: str, verdict: Verdict) -> None:
     return None
+
+
+class MonotonicClock:
+    def seconds(self) -> float:
+        return time.monotonic()
 
 
 class _NoLog:
@@ -111,9 +117,8 @@ class Resolver:
         self.metrics = metrics
         self.query_log = query_log if query_log is not None else _NoLog()
         self.cache = cache if cache is not None else AnswerCache(size=0)
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[no-redef]
-        self.clock = clock
+        # The cache ages entries on a monotonic clock: a wall-clock step must not stretch TTLs.
+        self.clock = clock if clock is not None else MonotonicClock()
         self.forward_ecs = forward_ecs
         self.on_answer = on_answer  # egress learning sees every upstream answer with its verdict
         self.on_blocked_question = on_blocked_question  # (query key, verdict) of every blocked question
@@ -198,7 +203,7 @@ class Resolver:
     def _upstream_message(self, query: Query, record: Any) -> bytes:
         if record is None:
             return wire.upstream_message(query, self.forward_ecs)
-        return query.raw  # unusual queries (slow path) go upstream as the client sent them
+        return slowpath.upstream_message_slow(record, query, self.forward_ecs)
 
     def _blocked(self, client: str, query: Query, record: Any, verdict: Verdict) -> bytes:
         group = verdict.group

@@ -50,6 +50,8 @@ def parse_query_slow(data: bytes) -> tuple[Query, DNSRecord]:
     query.qclass = question.qclass
     query.question = bytes(buffer.data)
     opts = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
+    if len(opts) > 1:
+        raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, "more than one OPT record (RFC 6891 6.1.1)")
     if opts:
         opt = opts[0]
         query.edns = True
@@ -142,3 +144,14 @@ def blocked_response_slow(
         ede = EDNSOption(wire.EDNS_OPTION_EDE, struct.pack("!H", wire.EDE_BLOCKED) + ede_text.encode("utf-8"))
         reply.add_ar(EDNS0(udp_len=wire.SERVER_UDP_PAYLOAD, flags="do" if query.dnssec_ok else "", opts=[ede]))
     return bytes(reply.pack())  # dnslib packs into a bytearray
+
+
+def upstream_message_slow(record: DNSRecord, query: Query, forward_ecs: bool) -> bytes:
+    """wire.upstream_message for queries only dnslib could parse: hop-by-hop options removed."""
+    drop = {wire.EDNS_OPTION_COOKIE} | (set() if forward_ecs else {wire.EDNS_OPTION_ECS})
+    if not any(code in drop for code, _ in query.options):
+        return query.raw
+    for rr in record.ar:
+        if rr.rtype == QTYPE.OPT:
+            rr.rdata = [option for option in rr.rdata if option.code not in drop]
+    return bytes(record.pack())
