@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +58,7 @@ class LineError:
 class DomainList:
     name: str
     path: str
-    domains: frozenset[str]
+    domains: AbstractSet[str]  # a set built once and never changed (a frozenset copy would cost a second)
     # (device, inode, size, mtime_ns, ctime_ns) when read: an unchanged file is not parsed again on reload.
     signature: tuple[int, ...] | None = None
 
@@ -109,11 +111,23 @@ def _entry(raw: str) -> str:
     return key
 
 
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+# A bare name: 2+ labels, the last not all digits, at most 253 characters, then the line end.
+_PLAIN_NAME = re.compile(rf"(?=[^\r\n]{{1,253}}\r?\n?\Z)(?:{_LABEL}\.)+(?![0-9]+\r?\n?\Z){_LABEL}\r?\n?\Z")
+
+
 def parse_lines(lines: Iterable[str], path: str) -> tuple[set[str], list[LineError]]:
     """Parse lines, collecting every error instead of stopping at the first."""
     domains: set[str] = set()
     errors: list[LineError] = []
+    add = domains.add
+    plain = _PLAIN_NAME.match
     for number, text in enumerate(lines, start=1):
+        # Most lines of a big list are a bare lowercase name: accept those with one regex
+        # (the same rules normalize() applies) instead of the general parser.
+        if plain(text) is not None:
+            add(text.rstrip("\r\n"))
+            continue
         bad_byte = _undecodable_byte(text)
         if bad_byte is not None:
             errors.append(LineError(path, number, f"not UTF-8 text: invalid byte 0x{bad_byte:02x}"))
@@ -154,4 +168,4 @@ def load_list(name: str, path: Path, display_path: str | None = None, previous: 
         raise ListLoadError([LineError(shown, 0, f"cannot read list: {exc.strerror or exc}")]) from None
     if errors:
         raise ListLoadError(errors)
-    return DomainList(name=name, path=shown, domains=frozenset(domains), signature=signature)
+    return DomainList(name=name, path=shown, domains=domains, signature=signature)

