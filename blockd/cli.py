@@ -12,7 +12,7 @@ from pathlib import Path
 
 from blockd import __version__
 from blockd.config import ConfigError, load_config
-from blockd.policy import PolicyError, build_policy, load_lists, load_prefix_sets
+from blockd.policy import PolicyError, build_policy, load_egress_prefixes, load_lists, load_prefix_sets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +46,8 @@ def check_command(path: Path | None) -> int:
         return 1
     lists, errors = load_lists(config)
     errors += load_prefix_sets(config)[1]
+    egress_prefixes, egress_errors = load_egress_prefixes(config)
+    errors += egress_errors
     for line in errors:
         print(line, file=sys.stderr)
     if errors:
@@ -54,6 +56,9 @@ def check_command(path: Path | None) -> int:
     print(f"{config.source}: OK: {len(config.groups)} groups, {len(lists)} lists, {total} domains")
     for lst in lists.values():
         print(f"  list {lst.name}: {len(lst.domains)} domains from {lst.path}")
+    if config.egress.enabled:
+        files = ", ".join(str(p) for p in config.egress.prefixes) or "no prefix files"
+        print(f"  egress: {len(egress_prefixes)} prefixes from {files}")
     return 0
 
 
@@ -72,7 +77,12 @@ def run_command(path: Path | None) -> int:
             print(f"blockd: {line}", file=sys.stderr)
         print("blockd: refusing to start", file=sys.stderr)
         return 1
-    daemon = Daemon(reactor, config, policy, config_path=path)
+    try:
+        daemon = Daemon(reactor, config, policy, config_path=path)
+    except StartupError as exc:
+        print(f"blockd: {exc}", file=sys.stderr)
+        print("blockd: refusing to start", file=sys.stderr)
+        return 1
     try:
         daemon.start()
     except StartupError as exc:

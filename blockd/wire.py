@@ -335,3 +335,17 @@ def upstream_message(query: Query, forward_ecs: bool) -> bytes:
     rdata = b"".join(struct.pack("!HH", code, len(data)) + data for code, data in kept)
     fixed = query.raw[query.opt_offset : query.opt_offset + 9]  # root name, type, class, TTL
     return query.raw[: query.opt_offset] + fixed + struct.pack("!H", len(rdata)) + rdata
+
+
+def lookup_message(key: str, qtype: int, query_id: int) -> tuple[bytes, bytes]:
+    """(message, question) of a recursive IN query for a lookup key, as blockd itself asks.
+
+    Raises ValueError for keys that are not plain host names (escaped labels): those were
+    never on a list, only below an entry, and are not worth a lookup of their own.
+    """
+    labels = key.split(".")
+    if "\\" in key or not all(0 < len(label) < 64 for label in labels):
+        raise ValueError(f"not a plain host name: {key!r}")
+    question = b"".join(bytes((len(label),)) + label.encode("ascii") for label in labels) + b"\0"
+    question += _TYPE_CLASS.pack(qtype, CLASS_IN)
+    return _HEADER.pack(query_id, FLAG_RD, 1, 0, 0, 0) + question, question
