@@ -9,6 +9,9 @@ import pytest
 from tests.daemon import REPO, Daemon, free_port
 from tests.fakeupstream import FakeUpstream
 
+# Network-namespace fixtures (make_ns, topology) for the egress and netlink tests.
+pytest_plugins = ["tests.netns"]
+
 
 @pytest.fixture
 def upstream() -> Iterator[FakeUpstream]:

@@ -35,18 +35,22 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, config_path: Path, port: int, metrics_port: int | None = None):
+    """blockd run --config, as a subprocess; with netns, inside that network namespace."""
+
+    def __init__(self, config_path: Path, port: int, metrics_port: int | None = None, netns: str | None = None):
         self.config_path = config_path
         self.port = port
         self.metrics_port = metrics_port
+        self.netns = netns
         self.log_path = config_path.with_suffix(".log")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> Daemon:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self._log = open(self.log_path, "ab")
+        inside = ["ip", "netns", "exec", self.netns] if self.netns is not None else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "blockd", "run", "--config", str(self.config_path)],
+            [*inside, sys.executable, "-m", "blockd", "run", "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -56,7 +60,7 @@ class Daemon:
             if self.process.poll() is not None:
                 raise RuntimeError(f"blockd exited with {self.process.returncode}:\n{self.log()}")
             # A query with no question gets FORMERR locally: any answer means "serving".
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            with self._socket(socket.SOCK_DGRAM) as probe:
                 probe.settimeout(0.2)
                 try:
                     probe.sendto(b"\x12\x34\x01\x00" + bytes(8), ("127.0.0.1", self.port))
@@ -65,6 +69,13 @@ class Daemon:
                 except OSError:
                     time.sleep(0.05)
         raise RuntimeError(f"blockd did not start:\n{self.log()}")
+
+    def _socket(self, kind: int) -> socket.socket:
+        if self.netns is None:
+            return socket.socket(socket.AF_INET, kind)
+        from tests.netns import netns_socket
+
+        return netns_socket(self.netns, socket.AF_INET, kind)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

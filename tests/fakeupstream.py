@@ -7,6 +7,9 @@ behaviours keyed on the query name's first label:
   big.*     a ~3 kB TXT answer (for client-size truncation)
   forged.*  first a datagram with the wrong ID, then the real answer
   silent.*  never answered
+
+Run as a script (`python -m tests.fakeupstream --port P --records FILE`), it serves the same
+inside a network namespace for the egress tests; FILE is JSON {name: [[type, address, ttl]]}.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ DEFAULT_AAAA = "2001:db8::1"
 
 
 class FakeUpstream:
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host = host
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((host, 0))
+        self.udp.bind((host, port))
         self.port = self.udp.getsockname()[1]
         self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -159,3 +162,34 @@ class FakeUpstream:
             except OSError:
                 pass
             sock.close()
+
+
+def main() -> None:
+    import argparse
+    import json
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--records", help="JSON file: {name: [[type, address, ttl], ...]}")
+    args = parser.parse_args()
+    server = FakeUpstream(args.host, args.port)
+    if args.records:
+        with open(args.records) as handle:
+            for name, entries in json.load(handle).items():
+                server.records[name] = [
+                    RR(name, getattr(QTYPE, kind), rdata=(A if kind == "A" else AAAA)(address), ttl=ttl)
+                    for kind, address, ttl in entries
+                ]
+    print(f"ready {server.address}", flush=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        signal.pause()
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()
