@@ -272,7 +272,6 @@ class Daemon:
             self.metrics,
             self.query_log,
             cache=self.cache,
-            clock=reactor,
             forward_ecs=config.upstream.forward_ecs,
             **hooks,
         )
