@@ -1,8 +1,9 @@
 """The deploy kit: systemd unit, Prometheus scrape config and alert rules, Grafana dashboard.
 
 promtool checks run when promtool is on PATH (Debian's `prometheus` package ships it; CI installs it).
-The dashboard is held to the metric names of the user-facing contract (DESIGN.md, blockd/metrics.py),
-so a renamed metric or a typo in a panel fails here rather than as an empty panel on the SOC's screen.
+The dashboard and the alert rules are held to the metric names of the user-facing contract (README.md's
+Metrics table, blockd/metrics.py), and that list to what blockd really exports, so a renamed metric or a
+typo in a panel or an alert fails here rather than as an empty panel or a silent alert on the SOC's screen.
 """
 
 from __future__ import annotations
@@ -40,11 +41,66 @@ ALLOWED_METRICS = frozenset(
         "blockd_reload_duration_seconds_sum",
         "blockd_reload_duration_seconds_count",
         "blockd_build_info",
+        "blockd_query_log_lines_total",
+        "blockd_query_log_dropped_total",
         "blockd_query_log_errors_total",
-        "up",
+        "blockd_cache_requests_total",
+        "blockd_cache_hits_total",
+        "blockd_cache_evictions_total",
+        "blockd_cache_entries",
+        "blockd_group_interface_networks",
+        # [egress] enabled only.
+        "blockd_egress_reconciles_total",
+        "blockd_egress_last_reconcile_success_timestamp_seconds",
+        "blockd_egress_reconcile_duration_seconds_bucket",
+        "blockd_egress_reconcile_duration_seconds_sum",
+        "blockd_egress_reconcile_duration_seconds_count",
+        "blockd_egress_changes_total",
+        "blockd_egress_routes",
+        "blockd_egress_rules",
+        "blockd_egress_learned_addresses",
+        "blockd_egress_learned_total",
+        "blockd_egress_learned_expired_total",
+        "blockd_egress_learned_evicted_total",
+        "blockd_egress_never_skipped_total",
+        "blockd_egress_unroutable_skipped_total",
+        "blockd_egress_followup_lookups_total",
+        "up",  # Prometheus's own, for BlockdDown
     }
 )
-ALLOWED_PREFIXES = ("blockd_cache_", "blockd_egress_")
+
+
+class _Counts:
+    """Stands in for the answer cache and the learned addresses: every counter the collectors read, at 0."""
+
+    requests = hits = evictions = 0
+    learned_total = expired_total = evicted_total = never_skipped_total = special_skipped_total = 0
+
+    def __len__(self) -> int:
+        return 0
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name blockd's metrics export, egress and interface groups included."""
+    from prometheus_client import CollectorRegistry
+
+    from blockd.metrics import CacheCollector, EgressCollector, EgressMetrics, ListSizeCollector, Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.declare([("default", [("ads", "sinkhole")])], ["192.0.2.53"])
+    metrics.interface_networks.labels("lan")
+    registry.register(CacheCollector(_Counts()))
+    registry.register(ListSizeCollector(lambda: {"ads": 1}))
+    EgressMetrics(registry)
+    registry.register(EgressCollector(_Counts()))
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def test_allowed_metrics_are_exported() -> None:
+    """The list panels and alerts are checked against names blockd really exports (no stale or mistyped name)."""
+    stale = ALLOWED_METRICS - {"up"} - exported_metric_names()
+    assert not stale, f"ALLOWED_METRICS names blockd does not export: {sorted(stale)}"
 
 
 # --- promtool --------------------------------------------------------------------------------
@@ -87,6 +143,39 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     for alert in alerts:
         outcomes = {bool(empty) for name, empty in cases if name == alert}
         assert outcomes == {True, False}, f"{alert}: needs a case where it fires and one where it does not"
+
+
+def alert_exprs() -> dict[str, str]:
+    """Each alert's expr, one-line or a block scalar (`expr: |`), read without a YAML parser."""
+    exprs: dict[str, str] = {}
+    alert = None
+    lines = (PROMETHEUS / "blockd-alerts.yml").read_text().splitlines()
+    for number, line in enumerate(lines):
+        if match := re.match(r"\s*- alert: (\w+)\s*$", line):
+            alert = match.group(1)
+        elif (match := re.match(r"(\s*)expr:\s*(.*)$", line)) and alert is not None:
+            indent, value = match.groups()
+            if value.startswith(("|", ">")):
+                block = []
+                for following in lines[number + 1 :]:
+                    if following.strip() and len(following) - len(following.lstrip()) <= len(indent):
+                        break
+                    block.append(following.strip())
+                value = " ".join(part for part in block if part)
+            exprs[alert] = value
+    return exprs
+
+
+def test_alert_rules_use_only_exported_metrics() -> None:
+    """A mistyped metric name would be mirrored in the promtool tests' input series and never fire in production."""
+    exprs = alert_exprs()
+    assert "BlockdEgressStale" in exprs and "offset 10m" in exprs["BlockdEgressStale"], exprs
+    bad = []
+    for alert, expr in exprs.items():
+        names = metric_names(expr)
+        assert names, f"{alert}: no metric in {expr!r}"
+        bad += [f"{alert}: {name}" for name in sorted(names) if not allowed(name)]
+    assert not bad, "alert rules use metrics blockd does not export:\n" + "\n".join(bad)
 
 
 # --- Grafana dashboard --------------------------------------------------------------------------
@@ -149,7 +238,7 @@ def test_metric_names_extraction(expr: str, names: set[str]) -> None:
 
 
 def allowed(name: str) -> bool:
-    return name in ALLOWED_METRICS or name.startswith(ALLOWED_PREFIXES)
+    return name in ALLOWED_METRICS
 
 
 def all_panels(panels: list[dict]) -> Iterator[dict]:
@@ -200,6 +289,16 @@ def test_dashboard_covers_the_contract(dashboard: dict) -> None:
         "blockd_last_reload_success_timestamp_seconds",
         "blockd_list_domains",
         "blockd_build_info",
+        "blockd_cache_hits_total",
+        "blockd_cache_requests_total",
+        "blockd_cache_entries",
+        "blockd_egress_routes",
+        "blockd_egress_reconciles_total",
+        "blockd_egress_last_reconcile_success_timestamp_seconds",
+        "blockd_egress_learned_addresses",
+        "blockd_query_log_lines_total",
+        "blockd_query_log_dropped_total",
+        "blockd_query_log_errors_total",
     ]:
         assert name in used, f"no panel shows {name}"
 
