@@ -42,10 +42,13 @@ class CacheEntry:
     ttl_fields: tuple[tuple[int, int], ...]  # (offset, clamped TTL)
 
 
-def render(entry: CacheEntry, query: Query, now: float) -> bytes:
-    """The cached answer for this client: its ID, RD bit and question spelling, TTLs aged."""
+def render(entry: CacheEntry, query: Query, now: float, query_id: int | None = None) -> bytes:
+    """The cached answer for this client: its ID, RD bit and question spelling, TTLs aged.
+
+    query_id: the ID to answer with, when query is a remembered query with the same bytes.
+    """
     out = bytearray(entry.answer)
-    struct.pack_into("!H", out, 0, query.id)
+    struct.pack_into("!H", out, 0, query.id if query_id is None else query_id)
     out[2] = (out[2] & ~(FLAG_RD >> 8)) | ((query.flags & FLAG_RD) >> 8)
     question = query.question
     out[12 : 12 + len(question)] = question  # same length: the names are equal ignoring case
@@ -97,6 +100,20 @@ class AnswerCache:
         self._entries.move_to_end(key)
         self.hits += 1
         return entry
+
+    def holds(self, key: CacheKey, entry: CacheEntry) -> bool:
+        """Whether entry is what the cache keeps for key (no counting, no recency change)."""
+        return self._entries.get(key) is entry
+
+    def hit_if_current(self, key: CacheKey, entry: CacheEntry, now: float) -> bool:
+        """get() for a caller that remembers which entry it last got: True (counted as a hit)
+        when that entry is still the live one for key."""
+        if self._entries.get(key) is not entry or entry.expires <= now:
+            return False
+        self.requests += 1
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return True
 
     def entry_for(self, answer: bytes, info: AnswerInfo, now: float) -> CacheEntry:
         """A cache entry for a fresh answer (also used to render it for coalesced waiters)."""

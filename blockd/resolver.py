@@ -72,12 +72,15 @@ class _NoLog:
 # A blocked answer depends only on the query's bytes after the ID and on the group's policy, so
 # each group remembers the answers it gave: a repeated blocked query costs a dict lookup.
 _BLOCKED_MEMO_LIMIT = 50_000
+# Likewise for cache hits: (group, query bytes after the ID) -> the entry and the decision the
+# answer policy took for it, valid while the policy snapshot and the cache entry are unchanged.
+_HIT_MEMO_LIMIT = 20_000
 
 
 class _Asker:
     """One client waiting for a forwarded answer (several share one upstream query)."""
 
-    __slots__ = ("client", "deferred", "group", "policy", "query", "record", "transport", "verdict")
+    __slots__ = ("client", "deferred", "group", "policy", "query", "record", "transport", "trusted", "verdict")
 
     def __init__(
         self,
@@ -88,7 +91,9 @@ class _Asker:
         verdict: Verdict | None,
         transport: str,
         policy: Policy,
+        trusted: bool = False,
     ):
+        self.trusted = trusted
         self.query = query
         self.record = record
         self.client = client
@@ -123,6 +128,8 @@ class Resolver:
         self.on_answer = on_answer  # egress learning sees every upstream answer with its verdict
         self.on_blocked_question = on_blocked_question  # (query key, verdict) of every blocked question
         self.in_flight: dict[CacheKey, list[_Asker]] = {}
+        self._hits: dict[tuple[Group | None, bytes], tuple[CacheKey, CacheEntry, Query, Verdict | None]] = {}
+        self._hits_policy: Policy | None = None
 
     def handle(self, data: bytes, client: str, transport: str) -> bytes | defer.Deferred[bytes | None] | None:
         """Answer one query: bytes now, a Deferred for forwarded queries, None to drop."""
@@ -140,6 +147,21 @@ class Resolver:
                     self.query_log.write(client, log_tail)
                 self.on_blocked_question(key, verdict)
                 return data[:2] + tail
+        if allowed and not trusted:
+            if policy is not self._hits_policy:  # a reload: decisions taken under the old policy go
+                self._hits.clear()
+                self._hits_policy = policy
+            hit = self._hits.get((group, data[2:]))
+            if hit is not None:
+                cached_key, entry, template, verdict = hit
+                now = self.clock.seconds()
+                if self.cache.hit_if_current(cached_key, entry, now):
+                    metrics.count_query(group.name if group is not None else NO_GROUP, transport, template.qtype)
+                    if verdict is not None:
+                        metrics.count_blocked(verdict.group.name, verdict.list_name, verdict.action)
+                    self.on_answer(entry.info, verdict, group)
+                    query_id = (data[0] << 8) | data[1]
+                    return self._deliver(entry, template, query_id, transport, client, group, verdict, now)
         record = None
         try:
             query = wire.parse_query(data)
@@ -183,12 +205,12 @@ class Resolver:
                     memo[data[2:]] = (answer[2:], verdict, query.key, query.qtype, log_tail)
                 return answer
 
-        asker = _Asker(query, record, client, group, verdict, transport, policy)
+        asker = _Asker(query, record, client, group, verdict, transport, policy, trusted)
         key = cache_key(query)
         now = self.clock.seconds()
         entry = self.cache.get(key, now)
         if entry is not None:
-            return self._from_upstream(asker, entry, now)
+            return self._from_upstream(asker, entry, now, key)
         waiting = self.in_flight.get(key)
         if waiting is not None:
             waiting.append(asker)  # the same question is already upstream: share its answer
@@ -234,7 +256,7 @@ class Resolver:
         self.cache.put(key, entry)
         for asker in askers:
             try:
-                result = self._from_upstream(asker, entry, now)
+                result = self._from_upstream(asker, entry, now, key)
             except Exception:  # noqa: BLE001 - one asker's failure must not strand the others
                 _log.failure("answering {name} failed", name=asker.query.key)
                 result = self._servfail(asker, "internal error")
@@ -246,7 +268,7 @@ class Resolver:
         for asker in self.in_flight.pop(key, []):
             asker.deferred.callback(self._servfail(asker, "no upstream answered"))
 
-    def _from_upstream(self, asker: _Asker, entry: CacheEntry, now: float) -> bytes:
+    def _from_upstream(self, asker: _Asker, entry: CacheEntry, now: float, key: CacheKey) -> bytes:
         """An upstream answer (cached or fresh) for one client, after the answer policy."""
         query, group = asker.query, asker.group
         info = entry.info
@@ -261,16 +283,36 @@ class Resolver:
                     return self._blocked(asker.client, query, asker.record, answer_verdict)
                 verdict = verdict or answer_verdict
         self.on_answer(info, verdict, group)
-        answer = render(entry, query, now)
-        if asker.transport == "udp" and len(answer) > query.response_limit:
+        if asker.record is None and not asker.trusted and self.cache.holds(key, entry):
+            hits = self._hits
+            if len(hits) >= _HIT_MEMO_LIMIT:
+                hits.clear()
+            if asker.policy is self._hits_policy:
+                hits[(group, query.raw[2:])] = (key, entry, query, verdict)
+        return self._deliver(entry, query, query.id, asker.transport, asker.client, group, verdict, now)
+
+    def _deliver(
+        self,
+        entry: CacheEntry,
+        query: Query,
+        query_id: int,
+        transport: str,
+        client: str,
+        group: Group | None,
+        verdict: Verdict | None,
+        now: float,
+    ) -> bytes:
+        """The answer as this client gets it: its ID and spelling, aged TTLs, TC if too big for UDP."""
+        answer = render(entry, query, now, query_id)
+        if transport == "udp" and len(answer) > query.response_limit:
             flags = struct.unpack_from("!H", answer, 2)[0]
             opt = wire.opt_record(query.dnssec_ok) if query.edns else b""
             answer = (
-                struct.pack("!HHHHHH", query.id, flags | wire.FLAG_TC, 1, 0, 0, 1 if opt else 0) + query.question + opt
+                struct.pack("!HHHHHH", query_id, flags | wire.FLAG_TC, 1, 0, 0, 1 if opt else 0) + query.question + opt
             )
         rcode = answer[3] & 0x0F
         self.metrics.count_response(rcode)
-        self.query_log(asker.client, group, query, verdict, rcode)
+        self.query_log(client, group, query, verdict, rcode)
         return answer
 
     def _servfail(self, asker: _Asker, reason: str) -> bytes:
