@@ -87,6 +87,7 @@ class Metrics:
         self.query_types: dict[str, int] = dict.fromkeys([*QTYPE_LABELS.values(), "other"], 0)
         self.blocked: dict[tuple[str, str, str], int] = {}
         self.responses: dict[str, int] = dict.fromkeys(set(RCODE_NAMES.values()), 0)
+        self.repeat_cells: dict[tuple[str, str, str, str, str, str], list[int]] = {}
         r.register(QueryCounters(self))
         self.dropped = Counter("blockd_dns_dropped", "Packets given no answer.", ["reason"], registry=r)
         self.upstream_requests = Counter(
@@ -151,6 +152,16 @@ class Metrics:
         blocked = self.blocked
         blocked[key] = blocked.get(key, 0) + 1
 
+    def repeat_cell(self, group: str, transport: str, qtype: int, list_name: str, action: str, rcode: int) -> list[int]:
+        """A one-slot counter for a remembered blocked answer: the hottest path counts with
+        cell[0] += 1, and the collector adds the cells to the query, type, blocked and response
+        series at scrape time.  One cell per label combination (a small, bounded set)."""
+        labels = (group, transport, QTYPE_LABELS.get(qtype, "other"), list_name, action, RCODE_NAMES.get(rcode, ""))
+        cell = self.repeat_cells.get(labels)
+        if cell is None:
+            cell = self.repeat_cells[labels] = [0]
+        return cell
+
     def count_response(self, rcode: int) -> None:
         name = RCODE_NAMES.get(rcode)
         if name is not None:
@@ -172,6 +183,9 @@ class NullMetrics(Metrics):
     def count_response(self, rcode: int) -> None:
         return None
 
+    def repeat_cell(self, group: str, transport: str, qtype: int, list_name: str, action: str, rcode: int) -> list[int]:
+        return [0]  # counted nowhere
+
 
 class QueryCounters(Collector):
     """Exports the per-query counters that Metrics keeps in plain dicts."""
@@ -182,16 +196,29 @@ class QueryCounters(Collector):
     def collect(self) -> Iterable[CounterMetricFamily]:
         m = self._metrics
         # dict(...) copies in one C call under the GIL: safe against the reactor adding keys.
+        queries, query_types, blocked, responses = (
+            dict(m.queries),
+            dict(m.query_types),
+            dict(m.blocked),
+            dict(m.responses),
+        )
+        for (group, transport, qtype, list_name, action, rcode), cell in list(m.repeat_cells.items()):
+            count = cell[0]
+            queries[group, transport] = queries.get((group, transport), 0) + count
+            query_types[qtype] = query_types.get(qtype, 0) + count
+            blocked[group, list_name, action] = blocked.get((group, list_name, action), 0) + count
+            if rcode:
+                responses[rcode] = responses.get(rcode, 0) + count
         for name, doc, labels, values in (
-            ("blockd_dns_queries", "DNS queries answered.", ["group", "transport"], dict(m.queries)),
-            ("blockd_dns_query_types", "DNS queries by query type.", ["qtype"], dict(m.query_types)),
+            ("blockd_dns_queries", "DNS queries answered.", ["group", "transport"], queries),
+            ("blockd_dns_query_types", "DNS queries by query type.", ["qtype"], query_types),
             (
                 "blockd_dns_blocked",
                 "Lookups of listed names (blocked, or monitored).",
                 ["group", "list", "action"],
-                dict(m.blocked),
+                blocked,
             ),
-            ("blockd_dns_responses", "DNS answers sent, by response code.", ["rcode"], dict(m.responses)),
+            ("blockd_dns_responses", "DNS answers sent, by response code.", ["rcode"], responses),
         ):
             family = CounterMetricFamily(name, doc, labels=labels)
             for key, value in sorted(values.items()):

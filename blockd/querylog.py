@@ -110,7 +110,7 @@ class QueryLog:
         self._file: IO[str] | None = None
         self._thread: threading.Thread | None = None
         self._ts_second = -1
-        self._ts_prefix = ""
+        self._ts_head = ""
         self._clients: dict[str, str] = {}
 
     # -- hot path (reactor thread) ------------------------------------------------------------
@@ -128,18 +128,17 @@ class QueryLog:
 
     def write(self, client: str, tail: str) -> None:
         """Queue one line: the timestamp and client, then a tail made by line_tail()."""
-        if len(self.queue) >= QUEUE_LIMIT:
+        queue = self.queue
+        if len(queue) >= QUEUE_LIMIT:
             self.on_drop()
             return
         now = self.wall_clock()
         second = int(now)
         if second != self._ts_second:  # strftime once a second, not once a line
             self._ts_second = second
-            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        self.queue.append(
-            f'{{"ts":"{self._ts_prefix}.{int((now - second) * 1000):03d}Z",'
-            f'"client":{self._client(client)},{tail}'
-        )
+            self._ts_head = '{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + "."
+        shown = self._clients.get(client) or self._client(client)
+        queue.append(f'{self._ts_head}{int((now - second) * 1000):03d}Z","client":{shown},{tail}')
 
     def _client(self, ip: str) -> str:
         """The client as JSON text (formatted for privacy), remembered per address."""
@@ -180,10 +179,9 @@ class QueryLog:
         if self._reopen:
             self._reopen = False
             self._close()
-        lines = []
         queue = self.queue
-        while queue:
-            lines.append(queue.popleft())
+        # Only the lines present now: the reactor thread may append while this runs.
+        lines = [queue.popleft() for _ in range(len(queue))]
         if not lines:
             return
         try:

@@ -139,10 +139,8 @@ class Resolver:
         if group is not None and allowed and not trusted:
             memo = group.blocked_answers.get(data[2:])
             if memo is not None:
-                tail, verdict, key, qtype, log_tail = memo
-                metrics.count_query(group.name, transport, qtype)
-                metrics.count_blocked(group.name, verdict.list_name, verdict.action)
-                metrics.count_response(tail[1] & 0x0F)
+                tail, verdict, key, log_tail, cells = memo
+                cells[transport == "tcp"][0] += 1  # queries, type, blocked and rcode in one add
                 if self.query_log.logs_blocked:
                     self.query_log.write(client, log_tail)
                 self.on_blocked_question(key, verdict)
@@ -202,7 +200,12 @@ class Resolver:
                     if len(memo) >= _BLOCKED_MEMO_LIMIT:
                         memo.clear()
                     log_tail = line_tail(verdict.group, query, verdict, answer[3] & 0x0F)
-                    memo[data[2:]] = (answer[2:], verdict, query.key, query.qtype, log_tail)
+                    rcode = answer[3] & 0x0F
+                    cells = tuple(
+                        metrics.repeat_cell(group.name, t, query.qtype, verdict.list_name, verdict.action, rcode)
+                        for t in ("udp", "tcp")
+                    )
+                    memo[data[2:]] = (answer[2:], verdict, query.key, log_tail, cells)
                 return answer
 
         asker = _Asker(query, record, client, group, verdict, transport, policy, trusted)
