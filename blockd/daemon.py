@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
@@ -48,6 +48,7 @@ from blockd.egress_service import (
 )
 from blockd.metrics import CacheCollector, EgressCollector, EgressMetrics, ListSizeCollector, Metrics, NullMetrics
 from blockd.policy import Group, Policy, Verdict
+from blockd.policy import dismantle as policy_dismantle
 from blockd.querylog import QueryLog
 from blockd.reload import Reloader, build_for_reload, status_path_for
 from blockd.resolver import Resolver
@@ -409,7 +410,8 @@ class Daemon:
         if self.interfaces is not None:
             # The build started from an older snapshot: carry the subnets known now.
             policy = policy.with_interface_networks(self.interface_networks)
-        self.policy.current = policy
+        retired, self.policy.current = self.policy.current, policy
+        self._retire(retired, config)
         self.upstreams.servers = list(config.upstream.servers)
         self.upstreams.timeout = config.upstream.timeout
         self.resolver.forward_ecs = config.upstream.forward_ecs
@@ -426,6 +428,22 @@ class Daemon:
             if config.egress.enabled:  # disabling egress takes a restart: keep routing the last prefixes
                 self.egress_prefixes = policy.egress_prefixes
             self.egress.request_reconcile()
+
+    def _retire(self, retired: Policy, config: Config) -> None:
+        """Free a replaced snapshot off the reactor thread, once no query can still use it.
+
+        In-flight queries finish on the snapshot they started with; none outlives every upstream
+        attempt (UDP then TCP, each with its timeout), so after that grace the snapshot is
+        emptied in a worker thread in small steps (policy.dismantle).
+        """
+        grace = 2 * config.upstream.timeout * max(1, len(config.upstream.servers)) + 5.0
+
+        def dismantle() -> None:
+            threads.deferToThread(policy_dismantle, retired, self.policy.current).addErrback(
+                lambda failure: _log.failure("freeing the previous policy failed", failure)
+            )
+
+        self.reactor.callLater(grace, dismantle)
 
     def sighup(self) -> None:
         """SIGHUP: reopen the query log (logrotate) and reload config and lists."""

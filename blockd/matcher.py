@@ -9,6 +9,7 @@ group's mask selects: a few dict probes per query, independent of list size.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 from typing import NamedTuple
 
 from blockd.lists import DomainList
@@ -32,7 +33,12 @@ class DomainIndex:
         largest = max(range(len(lists)), key=lambda i: len(lists[i].domains), default=None)
         masks: dict[str, int] = {}
         if largest is not None:
-            masks = dict.fromkeys(lists[largest].domains, 1 << largest)
+            # In chunks: one C call over a million names would hold the GIL (and stall the
+            # reactor during a reload) for over 100 ms.
+            names = iter(lists[largest].domains)
+            bit = 1 << largest
+            while chunk := dict.fromkeys(islice(names, 20_000), bit):
+                masks.update(chunk)
         get = masks.get
         for index, lst in enumerate(lists):
             if index == largest:

@@ -239,6 +239,28 @@ class Policy:
         return self.never is not None and self.never.lookup(address) is not None
 
 
+_DISMANTLE_CHUNK = 20_000
+
+
+def dismantle(old: Policy, serving: Policy) -> None:
+    """Empty a retired snapshot's big containers bit by bit (run in a worker thread).
+
+    Freeing a million-name dict or set is one C call that holds the GIL for a few hundred
+    milliseconds; on whichever thread drops the last reference, it would stall the reactor.
+    Emptying them from a Python loop lets the reactor run between chunks.  Sets that the
+    serving snapshot still shares (lists whose file did not change) are left alone.  Only call
+    this once no query can still hold `old` (see Daemon._retire).
+    """
+    shared = {id(lst.domains) for lst in serving.lists.values()}
+    containers: list[dict | set] = [old.index._masks]
+    containers += [lst.domains for lst in old.lists.values() if id(lst.domains) not in shared]  # type: ignore[misc]
+    for container in containers:
+        pop = container.popitem if isinstance(container, dict) else container.pop
+        while container:
+            for _ in range(min(_DISMANTLE_CHUNK, len(container))):
+                pop()
+
+
 def _chain(*groups: Iterable[IPAddress]) -> Iterable[IPAddress]:
     for group in groups:
         yield from group
