@@ -12,7 +12,7 @@ import socket
 import struct
 from typing import Any
 
-from twisted.internet import defer, protocol
+from twisted.internet import protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -156,4 +156,4 @@ class DNSStreamFactory(protocol.ServerFactory):
         return DNSStreamProtocol(self)
 
 
-__all__ = ["DNSDatagramProtocol", "DNSStreamFactory", "DNSStreamProtocol", "defer"]
+__all__ = ["DNSDatagramProtocol", "DNSStreamFactory", "DNSStreamProtocol"]
