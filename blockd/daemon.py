@@ -436,9 +436,16 @@ class Daemon:
         attempt (UDP then TCP, each with its timeout), so after that grace the snapshot is
         emptied in a worker thread in small steps (policy.dismantle).
         """
-        grace = 2 * config.upstream.timeout * max(1, len(config.upstream.servers)) + 5.0
+        grace = 5.0 + max(  # the old settings still time the queries already in flight
+            2 * c.upstream.timeout * max(1, len(c.upstream.servers)) for c in (self.config, config)
+        )
 
         def dismantle() -> None:
+            # A query that outlived the grace (upstreams slower than the new timeout says) still
+            # holds the snapshot: wait for it rather than empty the snapshot under it.
+            if any(asker.policy is retired for askers in self.resolver.in_flight.values() for asker in askers):
+                self.reactor.callLater(grace, dismantle)
+                return
             threads.deferToThread(policy_dismantle, retired, self.policy.current).addErrback(
                 lambda failure: _log.failure("freeing the previous policy failed", failure)
             )
@@ -452,6 +459,7 @@ class Daemon:
 
     def start(self) -> None:
         self.services.startService()
+        self.reloader.announce()  # a status file from an earlier process must not confuse `blockd reload`
         self.start_egress_when_interfaces_known()
         self.dns.opened.addCallback(self._serving)
 

@@ -209,18 +209,30 @@ class Policy:
         return verdict
 
     def check_answer(self, group: Group, info: AnswerInfo) -> Verdict | None:
-        """A verdict when an upstream answer leads to a listed name or a blocked address."""
+        """A verdict when an upstream answer leads to a listed name or a blocked address.
+
+        A blocking verdict anywhere in the answer wins over a monitor one (a name on a monitor
+        list must not hide a CNAME to a blocked name); a monitor verdict is returned only when
+        nothing blocks.
+        """
+        monitored: Verdict | None = None
         for name in info.names:
-            verdict = self.check(group, name)
-            if verdict is not None:
-                return Verdict(group, verdict.list_name, verdict.domain, verdict.action, "cname")
+            found = self.check(group, name)
+            if found is not None:
+                verdict = Verdict(group, found.list_name, found.domain, found.action, "cname")
+                if verdict.blocks:
+                    return verdict
+                monitored = monitored or verdict
         prefixes = group.answer_prefixes
         if prefixes is not None:
             for address in _chain(info.addresses, info.hint_addresses):
                 source = prefixes.lookup(address)
                 if source is not None and (self.never is None or self.never.lookup(address) is None):
-                    return Verdict(group, source, str(address), group.action, "address")
-        return None
+                    verdict = Verdict(group, source, str(address), group.action, "address")
+                    if verdict.blocks:
+                        return verdict
+                    monitored = monitored or verdict
+        return monitored
 
     def blocks_for_any_blocking_group(self, names: Iterable[str]) -> bool:
         """Whether some name gets a blocking verdict in some blocking group, whoever asked.

@@ -83,6 +83,10 @@ class Reloader:
         self.pending = False
         self.idle: defer.Deferred[None] | None = None
 
+    def announce(self) -> None:
+        """Write the status of a fresh process (no signals yet), replacing any older file."""
+        self._write_status()
+
     def request(self) -> None:
         """A SIGHUP (called on the reactor thread)."""
         self.state.signals += 1

@@ -218,8 +218,12 @@ class Resolver:
         if waiting is not None:
             waiting.append(asker)  # the same question is already upstream: share its answer
             return asker.deferred
+        try:
+            message = self._upstream_message(query, record)
+        except Exception:  # noqa: BLE001 - e.g. dnslib cannot re-pack a record it parsed
+            _log.failure("cannot forward {name}", name=query.key)
+            return self._servfail(asker, "query cannot be forwarded")
         self.in_flight[key] = [asker]
-        message = self._upstream_message(query, record)
         self.upstreams.resolve(message, query.question).addCallbacks(
             self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,)
         )
@@ -230,16 +234,24 @@ class Resolver:
             return wire.upstream_message(query, self.forward_ecs)
         return slowpath.upstream_message_slow(record, query, self.forward_ecs)
 
-    def _blocked(self, client: str, query: Query, record: Any, verdict: Verdict) -> bytes:
+    @staticmethod
+    def _blocked_answer(query: Query, record: Any, verdict: Verdict, ede_text: str) -> bytes:
         group = verdict.group
         if record is None:
-            answer = wire.blocked_response(
-                query, verdict.action, group.ttl, group.sinkhole_a, group.sinkhole_aaaa, verdict.ede_text
+            return wire.blocked_response(
+                query, verdict.action, group.ttl, group.sinkhole_a, group.sinkhole_aaaa, ede_text
             )
-        else:
-            answer = slowpath.blocked_response_slow(
-                record, query, verdict.action, group.ttl, group.sinkhole_a, group.sinkhole_aaaa, verdict.ede_text
-            )
+        return slowpath.blocked_response_slow(
+            record, query, verdict.action, group.ttl, group.sinkhole_a, group.sinkhole_aaaa, ede_text
+        )
+
+    def _blocked(self, client: str, query: Query, record: Any, verdict: Verdict) -> bytes:
+        group = verdict.group
+        answer = self._blocked_answer(query, record, verdict, verdict.ede_text)
+        if len(answer) > wire.PLAIN_UDP_LIMIT:
+            # A maximum-length name plus a long listed name in the EDE text can pass 512 bytes:
+            # keep the answer within what every client accepts by naming only the list.
+            answer = self._blocked_answer(query, record, verdict, f"blocked by blockd: list {verdict.list_name}")
         rcode = answer[3] & 0x0F
         self.metrics.count_response(rcode)
         self.query_log(client, group, query, verdict, rcode)
@@ -279,7 +291,11 @@ class Resolver:
         if group is not None and group.mask | (group.answer_prefixes is not None):
             answer_verdict = asker.policy.check_answer(group, info)
             if answer_verdict is not None:
-                if asker.verdict is None:  # a question already listed was counted on the way in
+                question = asker.verdict  # counted on the way in; count the answer's only if it differs
+                if question is None or (question.list_name, question.action) != (
+                    answer_verdict.list_name,
+                    answer_verdict.action,
+                ):
                     self.metrics.count_blocked(group.name, answer_verdict.list_name, answer_verdict.action)
                 if answer_verdict.blocks:
                     self.on_answer(info, answer_verdict, group)

@@ -271,3 +271,31 @@ def test_garbage_does_not_break_the_daemon(make_daemon) -> None:
     assert addresses(daemon.query("www.tiktok.com", "A", source=GOV)) == ["0.0.0.0"]
     assert addresses(daemon.query("example.org", "A", source=OTHER)) == ["192.0.2.1"]
     assert addresses(daemon.query("www.tiktok.com", "A", source=GOV, tcp=True)) == ["0.0.0.0"]
+
+
+def test_a_query_that_cannot_be_forwarded_does_not_strand_the_name(make_daemon) -> None:
+    """dnslib parses this query but cannot re-pack it (an additional record's owner grows past
+    253 characters through compression pointers); the client gets SERVFAIL and later queries
+    for the same name are still answered."""
+    question = b"\x03www\x07example\x03com\x00\x00\x01\x00\x01"
+    records = b""
+    owners = []  # offsets of earlier owners, each new one is 63 'a' + a pointer to the previous
+    offset = 12 + len(question)
+    for _ in range(5):
+        owner = b"\x3f" + b"a" * 63 + (struct.pack("!H", 0xC000 | owners[-1]) if owners else b"\x00")
+        owners.append(offset)
+        record = owner + struct.pack("!HHIH", 1, 1, 0, 4) + b"\x01\x02\x03\x04"
+        records += record
+        offset += len(record)
+    cookie = struct.pack("!HH", 10, 8) + b"12345678"
+    opt = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, len(cookie)) + cookie
+    packet = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 6) + question + records + opt
+    daemon = make_daemon()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3)
+        sock.bind((OTHER, 0))
+        sock.sendto(packet, ("127.0.0.1", daemon.port))
+        reply = sock.recv(65535)
+    assert reply[:2] == b"\x12\x34" and reply[3] & 0x0F in (1, 2)  # FORMERR or SERVFAIL, not silence
+    for source in (OTHER, GOV):
+        assert addresses(daemon.query("www.example.com", "A", source=source, use_edns=0)) == ["192.0.2.1"]

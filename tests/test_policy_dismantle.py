@@ -34,3 +34,23 @@ def test_dismantle_empties_only_what_the_serving_policy_does_not_share(tmp_path:
     group = new.groups["g"]
     assert new.check(group, "www.s49999.example") is not None
     assert new.check(group, "new.example") is not None
+
+
+def test_a_monitor_match_does_not_hide_a_blocked_cname(tmp_path: Path) -> None:
+    from blockd.answer import AnswerInfo
+
+    (tmp_path / "watch.txt").write_text("cdn.example\n")
+    (tmp_path / "tiktok.txt").write_text("tiktok.com\n")
+    text = (
+        '[upstream]\nservers = ["127.0.0.1:9"]\n'
+        f'[lists.watch]\npath = "{tmp_path / "watch.txt"}"\naction = "monitor"\n'
+        f'[lists.tiktok]\npath = "{tmp_path / "tiktok.txt"}"\n'
+        '[groups.gov]\nnetworks = ["10.0.0.0/8"]\nlists = ["watch", "tiktok"]\n'
+    )
+    policy = build_policy(parse_config(text, "t.toml", tmp_path))
+    info = AnswerInfo(0, ("x.cdn.example", "www.tiktok.com"), (), (), (), 300)
+    verdict = policy.check_answer(policy.groups["gov"], info)
+    assert verdict is not None and verdict.blocks and verdict.list_name == "tiktok"
+    only_monitored = AnswerInfo(0, ("x.cdn.example", "edge.example.net"), (), (), (), 300)
+    monitored = policy.check_answer(policy.groups["gov"], only_monitored)
+    assert monitored is not None and not monitored.blocks and monitored.list_name == "watch"
