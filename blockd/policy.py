@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from blockd.answer import AnswerInfo
@@ -57,8 +57,6 @@ class Group:
     list_actions: Mapping[str, str]
     allow: SuffixSet
     answer_prefixes: PrefixTable[str] | None  # address -> prefix-file name
-    # Blocked answers already given, by query bytes after the ID (see blockd.resolver).
-    blocked_answers: dict[bytes, tuple] = field(default_factory=dict)
 
     @property
     def blocks(self) -> bool:

@@ -69,12 +69,13 @@ class _NoLog:
         return None
 
 
-# A blocked answer depends only on the query's bytes after the ID and on the group's policy, so
-# each group remembers the answers it gave: a repeated blocked query costs a dict lookup.
-_BLOCKED_MEMO_LIMIT = 50_000
-# Likewise for cache hits: (group, query bytes after the ID) -> the entry and the decision the
-# answer policy took for it, valid while the policy snapshot and the cache entry are unchanged.
-_HIT_MEMO_LIMIT = 20_000
+# Repeated queries: (group, query bytes after the ID) -> the answer given, valid while the
+# policy snapshot is the same object (a reload or an interface change replaces it).  A blocked
+# answer depends only on those bytes and the group's policy; a cache hit also on the cache
+# entry, which is checked to be the current one before it is used.
+_BLOCKED = 0
+_CACHED = 1
+_MEMO_LIMIT = 50_000
 
 
 class _Asker:
@@ -128,30 +129,28 @@ class Resolver:
         self.on_answer = on_answer  # egress learning sees every upstream answer with its verdict
         self.on_blocked_question = on_blocked_question  # (query key, verdict) of every blocked question
         self.in_flight: dict[CacheKey, list[_Asker]] = {}
-        self._hits: dict[tuple[Group | None, bytes], tuple[CacheKey, CacheEntry, Query, Verdict | None]] = {}
-        self._hits_policy: Policy | None = None
+        self._memo: dict[tuple[Group | None, bytes], tuple[Any, ...]] = {}
+        self._memo_policy: Policy | None = None
 
     def handle(self, data: bytes, client: str, transport: str) -> bytes | defer.Deferred[bytes | None] | None:
         """Answer one query: bytes now, a Deferred for forwarded queries, None to drop."""
         metrics = self.metrics
         policy = self.policy()
         allowed, group, trusted = policy.client(client)
-        if group is not None and allowed and not trusted:
-            memo = group.blocked_answers.get(data[2:])
-            if memo is not None:
-                tail, verdict, key, log_tail, cells = memo
-                cells[transport == "tcp"][0] += 1  # queries, type, blocked and rcode in one add
-                if self.query_log.logs_blocked:
-                    self.query_log.write(client, log_tail)
-                self.on_blocked_question(key, verdict)
-                return data[:2] + tail
         if allowed and not trusted:
-            if policy is not self._hits_policy:  # a reload: decisions taken under the old policy go
-                self._hits.clear()
-                self._hits_policy = policy
-            hit = self._hits.get((group, data[2:]))
-            if hit is not None:
-                cached_key, entry, template, verdict = hit
+            if policy is not self._memo_policy:  # decisions taken under an older snapshot go
+                self._memo.clear()
+                self._memo_policy = policy
+            memo = self._memo.get((group, data[2:]))
+            if memo is not None:
+                if memo[0] == _BLOCKED:
+                    _, tail, verdict, key, log_tail, cells = memo
+                    cells[transport == "tcp"][0] += 1  # queries, type, blocked and rcode in one add
+                    if self.query_log.logs_blocked:
+                        self.query_log.write(client, log_tail)
+                    self.on_blocked_question(key, verdict)
+                    return data[:2] + tail
+                _, cached_key, entry, template, verdict = memo
                 now = self.clock.seconds()
                 if self.cache.hit_if_current(cached_key, entry, now):
                     metrics.count_query(group.name if group is not None else NO_GROUP, transport, template.qtype)
@@ -195,17 +194,14 @@ class Resolver:
             if verdict.blocks:
                 answer = self._blocked(client, query, record, verdict)
                 self.on_blocked_question(query.key, verdict)
-                if record is None and not trusted:
-                    memo = verdict.group.blocked_answers
-                    if len(memo) >= _BLOCKED_MEMO_LIMIT:
-                        memo.clear()
-                    log_tail = line_tail(verdict.group, query, verdict, answer[3] & 0x0F)
+                if record is None and not trusted and policy is self._memo_policy:
                     rcode = answer[3] & 0x0F
+                    log_tail = line_tail(verdict.group, query, verdict, rcode)
                     cells = tuple(
                         metrics.repeat_cell(group.name, t, query.qtype, verdict.list_name, verdict.action, rcode)
                         for t in ("udp", "tcp")
                     )
-                    memo[data[2:]] = (answer[2:], verdict, query.key, log_tail, cells)
+                    self._remember(group, data, (_BLOCKED, answer[2:], verdict, query.key, log_tail, cells))
                 return answer
 
         asker = _Asker(query, record, client, group, verdict, transport, policy, trusted)
@@ -302,13 +298,19 @@ class Resolver:
                     return self._blocked(asker.client, query, asker.record, answer_verdict)
                 verdict = verdict or answer_verdict
         self.on_answer(info, verdict, group)
-        if asker.record is None and not asker.trusted and self.cache.holds(key, entry):
-            hits = self._hits
-            if len(hits) >= _HIT_MEMO_LIMIT:
-                hits.clear()
-            if asker.policy is self._hits_policy:
-                hits[(group, query.raw[2:])] = (key, entry, query, verdict)
+        if (
+            asker.record is None
+            and not asker.trusted
+            and asker.policy is self._memo_policy
+            and self.cache.holds(key, entry)
+        ):
+            self._remember(group, query.raw, (_CACHED, key, entry, query, verdict))
         return self._deliver(entry, query, query.id, asker.transport, asker.client, group, verdict, now)
+
+    def _remember(self, group: Group | None, data: bytes, memo: tuple[Any, ...]) -> None:
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[(group, data[2:])] = memo
 
     def _deliver(
         self,
