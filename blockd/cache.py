@@ -22,7 +22,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from blockd.answer import AnswerInfo
+from blockd.upstream_answer import AnswerInfo
 from blockd.wire import FLAG_CD, FLAG_RD, Query
 
 CacheKey = tuple[str, int, int, bool, bool, bool]

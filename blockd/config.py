@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blockd.classify import IPNetwork
 from blockd.egress import EgressSettings, settings_problems
 from blockd.names import InvalidNameError, normalize
+from blockd.prefix_table import IPNetwork
 
 ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused", "monitor")
 BLOCKING_ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused")

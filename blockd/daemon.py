@@ -28,32 +28,22 @@ from twisted.logger import Logger
 
 from blockd import wire
 from blockd.admin import AdminService
-from blockd.answer import AnswerInfo, analyze
 from blockd.cache import AnswerCache
-from blockd.classify import IPAddress, IPNetwork
 from blockd.config import Config, Endpoint
 from blockd.egress import EgressSettings, LearnedAddresses, NetlinkChange
-from blockd.egress_service import (
-    EgressAdapter,
-    EgressService,
-    FollowUpLookups,
-    InterfaceMap,
-    InterfaceNetworks,
-    InterfaceSelector,
-    NetlinkServices,
-    Runner,
-    ThreadRunner,
-    Watcher,
-    networks_of,
-)
+from blockd.egress_service import EgressService, FollowUpLookups
+from blockd.interface_groups import InterfaceMap, InterfaceNetworks, InterfaceSelector, networks_of
 from blockd.metrics import CacheCollector, EgressCollector, EgressMetrics, ListSizeCollector, Metrics, NullMetrics
+from blockd.netlink_services import EgressAdapter, NetlinkServices, Runner, ThreadRunner, Watcher
 from blockd.policy import Group, Policy, Verdict
 from blockd.policy import dismantle as policy_dismantle
+from blockd.prefix_table import IPAddress, IPNetwork
 from blockd.querylog import QueryLog
 from blockd.reload import Reloader, build_for_reload, status_path_for
 from blockd.resolver import Resolver
 from blockd.server import DNSDatagramProtocol, DNSStreamFactory
 from blockd.upstream import Upstreams
+from blockd.upstream_answer import AnswerInfo, analyze
 
 _log = Logger()
 

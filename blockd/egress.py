@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from blockd.classify import IPAddress, IPNetwork, PrefixTable, normalize_network
 from blockd.lists import LineError, ListLoadError
+from blockd.prefix_table import IPAddress, IPNetwork, PrefixTable, normalize_network
 
 RULE_BAND_SIZE = 100
 MAIN_RULE_PRIORITY = 32766  # the kernel's `from all lookup main`; blockd's band must come first

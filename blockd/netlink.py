@@ -52,8 +52,8 @@ from pyroute2.netlink.rtnl import (
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 from twisted.logger import Logger
 
-from blockd.classify import IPNetwork
 from blockd.egress import EgressSettings, KernelState, NetlinkChange, Plan, Route, Rule
+from blockd.prefix_table import IPNetwork
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270

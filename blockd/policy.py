@@ -23,12 +23,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockd.answer import AnswerInfo
-from blockd.classify import IPAddress, IPNetwork, PrefixTable, parse_address
 from blockd.config import BLOCKING_ACTIONS, Config
 from blockd.egress import PrefixLoadError, load_prefix_files
 from blockd.lists import DomainList, LineError, ListLoadError, load_list
 from blockd.matcher import DomainIndex, SuffixSet
+from blockd.prefix_table import IPAddress, IPNetwork, PrefixTable, parse_address
+from blockd.upstream_answer import AnswerInfo
 
 NO_GROUP = "none"  # the metrics/log label for clients in no group
 _CLIENT_CACHE_LIMIT = 65536

@@ -25,12 +25,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from blockd import slowpath, wire
-from blockd.answer import AnswerInfo, MalformedAnswer, analyze
 from blockd.cache import AnswerCache, CacheEntry, CacheKey, cache_key, render
 from blockd.metrics import Metrics
 from blockd.policy import NO_GROUP, Group, Policy, Verdict
 from blockd.querylog import line_tail
 from blockd.upstream import UpstreamError, Upstreams
+from blockd.upstream_answer import AnswerInfo, MalformedAnswer, analyze
 from blockd.wire import Query
 
 _log = Logger()

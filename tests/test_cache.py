@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockd import slowpath, wire
-from blockd.answer import AnswerInfo, analyze
 from blockd.cache import AnswerCache, CacheEntry, cache_key, render
+from blockd.upstream_answer import AnswerInfo, analyze
 from blockd.wire import Query
 
 T0 = 1_000_000.0  # the injected clock: every test passes `now` explicitly

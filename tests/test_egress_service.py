@@ -24,19 +24,9 @@ from blockd.egress import (
     Route,
     apply_to,
 )
-from blockd.egress_service import (
-    TYPE_A,
-    TYPE_AAAA,
-    Coalescer,
-    EgressService,
-    FollowUpLookups,
-    InterfaceNetworks,
-    InterfaceSelector,
-    NetlinkServices,
-    ReconcileReport,
-    SynchronousRunner,
-    networks_of,
-)
+from blockd.egress_service import TYPE_A, TYPE_AAAA, EgressService, FollowUpLookups, ReconcileReport
+from blockd.interface_groups import InterfaceNetworks, InterfaceSelector, networks_of
+from blockd.netlink_services import Coalescer, NetlinkServices, SynchronousRunner
 
 net = ipaddress.ip_network
 START = 1_700_000_000.0

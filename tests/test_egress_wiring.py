@@ -21,7 +21,7 @@ from blockd import cli, wire
 from blockd.config import load_config
 from blockd.daemon import Daemon, StartupError, real_netlink
 from blockd.egress import EgressSettings
-from blockd.egress_service import SynchronousRunner
+from blockd.netlink_services import SynchronousRunner
 from blockd.policy import PolicyError, build_policy
 from tests.test_egress_service import FakeAdapter
 

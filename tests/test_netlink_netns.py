@@ -43,7 +43,7 @@ from blockd.egress import (
     desired_state,
     diff,
 )
-from blockd.egress_service import EgressService, NetlinkServices, SynchronousRunner
+from blockd.egress_service import EgressService
 from blockd.netlink import (
     CapabilityError,
     NetlinkAdapter,
@@ -54,6 +54,7 @@ from blockd.netlink import (
     table_of,
     vlan_id_of,
 )
+from blockd.netlink_services import NetlinkServices, SynchronousRunner
 from tests.netns import (
     BLOCKED,
     blockd_rules,

@@ -37,7 +37,7 @@ def test_dismantle_empties_only_what_the_serving_policy_does_not_share(tmp_path:
 
 
 def test_a_monitor_match_does_not_hide_a_blocked_cname(tmp_path: Path) -> None:
-    from blockd.answer import AnswerInfo
+    from blockd.upstream_answer import AnswerInfo
 
     (tmp_path / "watch.txt").write_text("cdn.example\n")
     (tmp_path / "tiktok.txt").write_text("tiktok.com\n")

@@ -1,4 +1,4 @@
-"""blockd.answer.analyze: what the answer policy and the cache read off an upstream answer.
+"""blockd.upstream_answer.analyze: what the answer policy and the cache read off an upstream answer.
 
 Answers are built with dnslib, with dnspython (types dnslib cannot build or parse: DNAME, SVCB)
 and by hand (malformed ones).  A hypothesis fuzz checks that damaged answers only ever raise
@@ -21,7 +21,7 @@ from dnslib import AAAA, CNAME, EDNS0, NS, QTYPE, RCODE, RR, SOA, TXT, A, DNSRec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockd.answer import AnswerInfo, MalformedAnswer, analyze
+from blockd.upstream_answer import AnswerInfo, MalformedAnswer, analyze
 
 # ---------------------------------------------------------------------------------------------
 # builders

@@ -17,8 +17,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from blockd.classify import IPAddress
 from blockd.names import key_from_wire_labels
+from blockd.prefix_table import IPAddress
 from blockd.wire import (
     FLAG_TC,
     RCODE_NOERROR,

@@ -1,4 +1,4 @@
-"""blockd.classify: longest-prefix match of clients (and ECS prefixes) to groups."""
+"""blockd.prefix_table: longest-prefix match of clients (and ECS prefixes) to groups."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockd.classify import PrefixTable, normalize_network, parse_address
+from blockd.prefix_table import PrefixTable, normalize_network, parse_address
 
 net = ipaddress.ip_network
 addr = ipaddress.ip_address
