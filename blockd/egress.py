@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from blockd.lists import LineError, ListLoadError
 from blockd.prefix_table import IPAddress, IPNetwork, PrefixTable, normalize_network
@@ -52,6 +53,9 @@ ON_EXIT_CHOICES = ("keep", "remove")
 
 PROHIBIT = "prohibit"  # forwarded packets get ICMP "administratively prohibited": clients fail fast
 THROW = "throw"  # ends the lookup in blockd's table, so the next rule (main) routes the packet
+
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)  # subnet_of needs the same version
+_Entry = TypeVar("_Entry", bound=Hashable)  # a Rule or a Route
 
 
 class NetlinkChange(StrEnum):
@@ -381,16 +385,21 @@ def _drop_covered(networks: Iterable[IPNetwork]) -> list[IPNetwork]:
     """Networks minus those inside another one (same coverage, fewer rules/routes)."""
     unique = set(networks)
     kept: list[IPNetwork] = []
-    for version in (4, 6):
-        ordered = sorted(
-            (n for n in unique if n.version == version), key=lambda n: (int(n.network_address), n.prefixlen)
-        )
-        last: IPNetwork | None = None
-        for network in ordered:
-            if last is not None and network.subnet_of(last):
-                continue
-            kept.append(network)
-            last = network
+    kept.extend(_drop_nested([n for n in unique if isinstance(n, ipaddress.IPv4Network)]))
+    kept.extend(_drop_nested([n for n in unique if isinstance(n, ipaddress.IPv6Network)]))
+    return kept
+
+
+def _drop_nested(same_version: list[_Net]) -> list[_Net]:
+    """Networks of one IP version, in address order, minus those inside another one."""
+    ordered = sorted(same_version, key=lambda n: (int(n.network_address), n.prefixlen))
+    kept: list[_Net] = []
+    last: _Net | None = None
+    for network in ordered:
+        if last is not None and network.subnet_of(last):
+            continue
+        kept.append(network)
+        last = network
     return kept
 
 
@@ -477,10 +486,10 @@ class Plan:
         return ", ".join(parts) or "no changes"
 
 
-def _extras(actual: Sequence[Rule] | Sequence[Route], wanted: frozenset) -> list:
+def _extras(actual: Sequence[_Entry], wanted: frozenset[_Entry]) -> list[_Entry]:
     """Actual entries not wanted, plus every second and later copy of a wanted one."""
-    seen: set = set()
-    extra = []
+    seen: set[_Entry] = set()
+    extra: list[_Entry] = []
     for item in actual:
         if item not in wanted or item in seen:
             extra.append(item)
@@ -518,7 +527,7 @@ def apply_to(state: KernelState, plan: Plan) -> KernelState:
     return KernelState(tuple(rules), tuple(routes))
 
 
-def _remove_one(items: list, item: object) -> None:
+def _remove_one(items: list[_Entry], item: _Entry) -> None:
     for index, candidate in enumerate(items):
         if candidate == item:
             del items[index]

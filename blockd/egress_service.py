@@ -66,7 +66,7 @@ def _ignore_report(report: ReconcileReport) -> None:
 class EgressService(service.Service):
     """Keeps blockd's rules and routes equal to the desired state."""
 
-    name = "egress"
+    name = "egress"  # type: ignore[assignment]  # Twisted: Service.name = None, unannotated
 
     def __init__(
         self,
@@ -300,11 +300,11 @@ class FollowUpLookups:
         defer.DeferredList(lookups).addCallback(lambda _: self._finished(name))
         return True
 
-    def _lookup(self, name: str, qtype: int) -> defer.Deferred[None]:
+    def _lookup(self, name: str, qtype: int) -> defer.Deferred[object]:
         lookup = defer.maybeDeferred(self.resolve, name, qtype)
-        lookup.addCallback(lambda result: self.learn(*result))
-        lookup.addErrback(self._failed, name)
-        return lookup
+        # addCallback and addErrback return the same Deferred, typed for its new result.
+        learned = lookup.addCallback(lambda result: self.learn(*result))
+        return learned.addErrback(self._failed, name)
 
     def _failed(self, failure: Failure, name: str) -> None:
         self.failed_total += 1

@@ -51,7 +51,7 @@ class InterfaceNetworks(service.Service):
     appears.  A failed read keeps the previous mapping.
     """
 
-    name = "interface-networks"
+    name = "interface-networks"  # type: ignore[assignment]  # Twisted: Service.name = None, unannotated
 
     def __init__(
         self,

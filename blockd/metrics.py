@@ -39,7 +39,7 @@ EgressCollector, read at scrape time):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -226,10 +226,22 @@ class QueryCounters(Collector):
             yield family
 
 
+class CacheCounters(Protocol):
+    """What CacheCollector reads from the answer cache (blockd.cache.AnswerCache)."""
+
+    @property
+    def requests(self) -> int: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    def __len__(self) -> int: ...
+
+
 class CacheCollector(Collector):
     """The answer cache's counters and size, read at scrape time (the cache itself stays pure)."""
 
-    def __init__(self, cache: object):
+    def __init__(self, cache: CacheCounters):
         self._cache = cache
 
     def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:

@@ -8,6 +8,7 @@ non-ASCII bytes) are escaped so they can never collide with a listed name.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 MAX_NAME_LENGTH = 253
 MAX_LABEL_LENGTH = 63
@@ -82,7 +83,7 @@ def _escape_label(label: bytes) -> str:
     return "".join(parts)
 
 
-def ancestors(key: str):
+def ancestors(key: str) -> Iterator[str]:
     """Yield key and each parent domain, most specific first ("a.b.c", "b.c", "c")."""
     name = key
     while True:

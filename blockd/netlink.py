@@ -17,6 +17,7 @@ missing namespace is an error instead of being created.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import select
@@ -210,7 +211,7 @@ class NetlinkAdapter:
         rules: list[Rule] = []
         routes: list[Route] = []
         for version, family in _FAMILY.items():
-            for message in self._retry_dump(lambda family=family: self._iproute().get_rules(family=family)):
+            for message in self._retry_dump(functools.partial(self._rules_of, family)):
                 rule = self._owned_rule(message, version, settings)
                 if rule is not None:
                     rules.append(rule)
@@ -219,6 +220,9 @@ class NetlinkAdapter:
                 if route is not None:
                     routes.append(route)
         return KernelState(tuple(rules), tuple(routes))
+
+    def _rules_of(self, family: int) -> Iterable[Any]:
+        return self._iproute().get_rules(family=family)
 
     @staticmethod
     def _owned_rule(message: Any, version: int, settings: EgressSettings) -> Rule | None:
@@ -264,19 +268,25 @@ class NetlinkAdapter:
                     return
             applied += 1
 
+        def route_call(command: str, route: Route) -> Callable[[], object]:
+            return lambda: ipr.route(command, **self._route_spec(route))
+
+        def rule_call(command: str, rule: Rule, adding: bool = True) -> Callable[[], object]:
+            return lambda: ipr.rule(command, **self._rule_spec(rule, adding=adding))
+
         gone = (errno.ENOENT, errno.ESRCH)
         conflicting = plan.conflicting_deletes()
         for route in conflicting:
-            attempt(f"del route {route}", lambda route=route: ipr.route("del", **self._route_spec(route)), gone)
+            attempt(f"del route {route}", route_call("del", route), gone)
         for route in plan.add_routes:
-            attempt(f"add route {route}", lambda route=route: ipr.route("replace", **self._route_spec(route)), ())
+            attempt(f"add route {route}", route_call("replace", route), ())
         for rule in plan.add_rules:
-            attempt(f"add rule {rule}", lambda rule=rule: ipr.rule("add", **self._rule_spec(rule)), (errno.EEXIST,))
+            attempt(f"add rule {rule}", rule_call("add", rule), (errno.EEXIST,))
         for rule in plan.del_rules:
-            attempt(f"del rule {rule}", lambda rule=rule: ipr.rule("del", **self._rule_spec(rule, adding=False)), gone)
+            attempt(f"del rule {rule}", rule_call("del", rule, adding=False), gone)
         replaced = {route.key for route in plan.add_routes}
         for route in (r for r in plan.del_routes if r.key not in replaced):
-            attempt(f"del route {route}", lambda route=route: ipr.route("del", **self._route_spec(route)), gone)
+            attempt(f"del route {route}", route_call("del", route), gone)
         if failures:
             raise ApplyError(failures, applied)
         return applied
@@ -537,7 +547,8 @@ class NetlinkWatcher:
         assert sock is not None
         try:
             while True:
-                readable, _, _ = select.select([sock, self._wake_r], [], [])
+                watched: list[socket.socket | int] = [sock, self._wake_r]
+                readable, _, _ = select.select(watched, [], [])
                 if self._wake_r in readable:
                     return
                 try:

@@ -143,6 +143,11 @@ class Watcher(Protocol):
     def stop(self) -> None: ...
 
 
+def _stop_if_running(child: service.IService) -> Callable[[object], defer.Deferred[None] | None]:
+    """A callback that stops child unless it is already stopped."""
+    return lambda _: child.stopService() if child.running else None
+
+
 class NetlinkServices(service.MultiService):
     """Owns the netlink worker thread and the watcher; children get netlink_event(change) calls.
 
@@ -152,7 +157,7 @@ class NetlinkServices(service.MultiService):
     adapter is closed in the worker, then the worker stops.
     """
 
-    name = "netlink"
+    name = "netlink"  # type: ignore[assignment]  # Twisted: Service.name = None, unannotated
 
     def __init__(
         self,
@@ -182,7 +187,7 @@ class NetlinkServices(service.MultiService):
             watcher.stop()
         done: defer.Deferred[Any] = defer.succeed(None)
         for child in reversed(list(self)):
-            done.addCallback(lambda _, child=child: child.stopService() if child.running else None)
+            done.addCallback(_stop_if_running(child))
             done.addErrback(lambda failure: _log.failure("netlink: a service failed to stop", failure))
         done.addCallback(lambda _: self.runner(self.adapter.close))
         done.addErrback(lambda failure: _log.failure("netlink: closing the adapter failed", failure))
