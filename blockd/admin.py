@@ -15,6 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.web import resource, server
 
 from blockd.config import Endpoint
+from blockd.services import StartupError
 
 
 class HealthResource(resource.Resource):
@@ -45,8 +46,6 @@ class AdminService(service.Service):
         self.port: object | None = None
 
     def startService(self) -> None:  # noqa: N802 (Twisted API)
-        from blockd.daemon import StartupError
-
         super().startService()
         try:
             self.port = self.reactor.listenTCP(self.endpoint.port, self.site, interface=self.endpoint.host)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from blockd import __version__
 from blockd.config import ConfigError, load_config
-from blockd.policy import PolicyError, build_policy, load_egress_prefixes, load_lists, load_prefix_sets
+from blockd.policy import load_egress_prefixes, load_lists, load_prefix_sets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,42 +63,9 @@ def check_command(path: Path | None) -> int:
 
 
 def run_command(path: Path | None) -> int:
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from blockd.daemon import run  # Twisted and the reactor only for `run`
 
-    from blockd.daemon import Daemon, StartupError
-
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    try:
-        config = load_config(path)
-        policy = build_policy(config)
-    except (ConfigError, PolicyError) as exc:
-        for line in exc.errors:
-            print(f"blockd: {line}", file=sys.stderr)
-        print("blockd: refusing to start", file=sys.stderr)
-        return 1
-    try:
-        daemon = Daemon(reactor, config, policy, config_path=path)
-    except StartupError as exc:
-        print(f"blockd: {exc}", file=sys.stderr)
-        print("blockd: refusing to start", file=sys.stderr)
-        return 1
-    try:
-        daemon.start()
-    except StartupError as exc:
-        print(f"blockd: {exc}", file=sys.stderr)
-        daemon.stop()
-        return 1
-    # The handler runs on the main (reactor) thread between bytecodes; callFromThread defers the
-    # work to the next loop iteration instead of running it inside whatever was interrupted.
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(daemon.sighup))
-    # Reloads build the new policy in a worker thread that holds the GIL for seconds; with the
-    # default 5 ms switch interval each answer waits up to 5 ms twice (after epoll, after
-    # sendto).  0.5 ms keeps answers flowing during a reload and costs nothing otherwise.
-    sys.setswitchinterval(0.0005)
-    reactor.addSystemEventTrigger("before", "shutdown", daemon.stop)
-    reactor.run()
-    return 0
+    return run(path)
 
 
 def reload_command(pidfile: Path | None, config_path: Path | None, timeout: float) -> int:

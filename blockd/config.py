@@ -316,13 +316,13 @@ class _Parser:
                 return None
             host, rest = text[1:close], text[close + 1 :]
             if rest:
-                if not rest.startswith(":") or not rest[1:].isdigit():
+                if not rest.startswith(":") or not _is_port_text(rest[1:]):
                     self.error(item_key, f"{text!r}: expected [address]:port")
                     return None
                 port = int(rest[1:])
         elif text.count(":") == 1:
             host, _, port_text = text.partition(":")
-            if not port_text.isdigit():
+            if not _is_port_text(port_text):
                 self.error(item_key, f"{text!r}: port must be a number")
                 return None
             port = int(port_text)
@@ -578,6 +578,11 @@ class _Parser:
             self.error(f"{key}.{name}", f"{text!r} is not an IPv{version} address")
             return None
         return address
+
+
+def _is_port_text(text: str) -> bool:
+    # ASCII digits only: str.isdigit() also accepts "²" (int() refuses it) and "٥٣" (read as 53).
+    return text.isascii() and text.isdecimal()
 
 
 def _type_name(value: Any) -> str:

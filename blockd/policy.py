@@ -1,9 +1,8 @@
 """The policy snapshot: config and lists compiled into one immutable object.
 
 A snapshot answers, on the hot path:
-- which group is this client in (longest prefix over every group's networks, including the
-  connected subnets of its interfaces/VLANs; a trusted forwarder's ECS prefix counts as the
-  client), and may it query at all (server.allow);
+- which group is this client in, and may it query at all (its `classifier`, blockd.classify,
+  built from every group's networks including the connected subnets of its interfaces/VLANs);
 - is this name blocked for that group: allowlist first, then the built-in escape-hatch lists,
   then the group's lists in order; a list's own action overrides the group's, except that a
   monitor group only ever monitors;
@@ -11,7 +10,8 @@ A snapshot answers, on the hot path:
   chain (CNAME cloaking), or an address in the group's block_answer_prefixes (unless it lies
   in egress.never);
 - should egress learn this answer's addresses: some name of it is blocked for a blocking group.
-It also holds the [egress] prefixes (loaded when egress is enabled), so they reload with it.
+It is the one owner of the [egress] prefixes (loaded when egress is enabled) and of the
+interface subnets, so they reload and change with it.
 Building one reads files and may take seconds for large lists, so it is done off the event
 loop and swapped in whole (see blockd.reload).
 """
@@ -23,15 +23,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockd.classify import ClientClassifier
 from blockd.config import BLOCKING_ACTIONS, Config
 from blockd.egress import PrefixLoadError, load_prefix_files
 from blockd.lists import DomainList, LineError, ListLoadError, load_list
-from blockd.matcher import DomainIndex, SuffixSet
-from blockd.prefix_table import IPAddress, IPNetwork, PrefixTable, parse_address
+from blockd.matcher import DomainIndex, Match, SuffixSet
+from blockd.prefix_table import IPAddress, IPNetwork, PrefixTable
 from blockd.upstream_answer import AnswerInfo
 
 NO_GROUP = "none"  # the metrics/log label for clients in no group
-_CLIENT_CACHE_LIMIT = 65536
 _VERDICT_MEMO_LIMIT = 65536
 
 # Escape hatches to encrypted DNS, closed by default for blocking groups (each switchable).
@@ -140,25 +140,30 @@ class Policy:
                 answer_prefixes=answer_prefixes,
             )
         self._blocking_groups = tuple(group for group in self.groups.values() if group.blocks and group.mask)
-        self._allowed: PrefixTable[bool] = PrefixTable((network, True) for network in config.server.allow)
-        self._trusted: PrefixTable[bool] = PrefixTable((n, True) for n in config.server.trusted_forwarders)
         self.interface_networks: Mapping[str, tuple[IPNetwork, ...]] = {}
-        self._verdicts: dict[tuple[str, object], Verdict] = {}
-        self._build_classifier()
+        self._verdicts: dict[tuple[str, Match], Verdict] = {}
+        self.classifier: ClientClassifier[Group] = ClientClassifier(
+            config.server.allow, config.server.trusted_forwarders, self._group_networks()
+        )
 
-    def _build_classifier(self) -> None:
+    def _group_networks(self) -> list[tuple[IPNetwork, Group]]:
         entries = [(network, self.groups[g.name]) for g in self.config.groups.values() for network in g.networks]
         entries += [
             (network, self.groups[name]) for name, networks in self.interface_networks.items() for network in networks
         ]
-        self._groups_by_network: PrefixTable[Group] = PrefixTable(entries)
-        self._clients: dict[str, tuple[bool, Group | None, bool]] = {}
+        return entries
 
     def with_interface_networks(self, networks: Mapping[str, tuple[IPNetwork, ...]]) -> Policy:
         """A copy whose groups also hold these networks (learned from interfaces/VLANs)."""
         clone = copy.copy(self)
         clone.interface_networks = {name: tuple(n) for name, n in networks.items() if name in self.groups}
-        clone._build_classifier()
+        clone.classifier = self.classifier.with_groups(clone._group_networks())
+        return clone
+
+    def with_egress_prefixes(self, prefixes: tuple[IPNetwork, ...]) -> Policy:
+        """A copy routing these egress prefixes (egress keeps its prefixes until a restart turns it off)."""
+        clone = copy.copy(self)
+        clone.egress_prefixes = prefixes
         return clone
 
     def group_networks(self, name: str) -> tuple[IPNetwork, ...]:
@@ -168,26 +173,6 @@ class Policy:
 
     def blocking_networks(self) -> list[IPNetwork]:
         return [n for name, group in self.groups.items() if group.blocks for n in self.group_networks(name)]
-
-    def client(self, ip: str) -> tuple[bool, Group | None, bool]:
-        """(may this client query at all, its group or None, is it a trusted forwarder)."""
-        cached = self._clients.get(ip)
-        if cached is not None:
-            return cached
-        address = parse_address(ip)
-        result = (
-            bool(self._allowed.lookup(address)),
-            self._groups_by_network.lookup(address),
-            bool(self._trusted.lookup(address)),
-        )
-        if len(self._clients) >= _CLIENT_CACHE_LIMIT:
-            self._clients.clear()
-        self._clients[ip] = result
-        return result
-
-    def group_for_network(self, network: IPNetwork) -> Group | None:
-        """The group of an ECS client prefix: the most specific group network containing all of it."""
-        return self._groups_by_network.lookup_network(network)
 
     def check(self, group: Group, key: str) -> Verdict | None:
         """The verdict for a query name in a group, or None when the name is not listed."""

@@ -4,8 +4,11 @@ Config: [log] queries = "none" | "blocked" | "all" (default "blocked": the SOC's
 logging allowed lookups is opt-in), path ("-" = stdout), client_ip = "full" | "truncate"
 (IPv4 /24, IPv6 /48) | "hash" (keyed SHA-256, stable until restart).
 
-Answering never waits for the disk: the hot path formats a line and appends it to a bounded
-in-memory queue; a writer thread drains it a few times a second.  A full queue drops lines
+Answering never waits for the disk, and does the least it can per line: the hot path appends
+the line's raw fields (time, client, and the answer's facts, or for a repeated blocked query
+its precomputed tail) to a bounded in-memory queue; a writer thread drains it a few times a
+second, formats every line (the timestamp once per millisecond, each client's text once) and
+writes them in one call.  Lines keep their order; stop() writes what is queued.  A full queue drops lines
 (counted); a write error (disk full, unwritable file) is logged once, counted, and the daemon
 keeps answering.  reopen() (on SIGHUP) makes the writer reopen the file, for logrotate.
 
@@ -25,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 from twisted.logger import Logger
 
@@ -45,11 +48,13 @@ def _json_or_null(value: str | None) -> str:
     return "null" if value is None else _json_string(value)
 
 
-def line_tail(group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False) -> str:
+def line_tail(
+    group: Group | None, key: str, qtype: int, verdict: Verdict | None, rcode: int, denied: bool = False
+) -> str:
     """Everything of a log line after the client, as JSON text.
 
-    Assembled by hand with the C string encoder (json.dumps of a dict costs more than answering
-    the query); the same for every repetition of a blocked query, so the resolver keeps it.
+    Assembled by hand with the C string encoder (json.dumps of a dict costs several times
+    more); the same for every repetition of a blocked query, so the resolver keeps it.
     """
     if verdict is not None:
         action, list_name, domain, via = verdict.action, verdict.list_name, verdict.domain, verdict.via
@@ -58,14 +63,19 @@ def line_tail(group: Group | None, query: Query, verdict: Verdict | None, rcode:
         list_name = domain = via = None
     return (
         f'"group":{_json_string(group.name if group is not None else NO_GROUP)},'
-        f'"qname":{_json_string(query.key)},'
-        f'"qtype":"{QTYPE_LABELS.get(query.qtype) or query.qtype}",'
+        f'"qname":{_json_string(key)},'
+        f'"qtype":"{QTYPE_LABELS.get(qtype) or qtype}",'
         f'"action":"{action}",'
         f'"list":{_json_or_null(list_name)},'
         f'"domain":{_json_or_null(domain)},'
         f'"via":{_json_or_null(via)},'
         f'"rcode":"{RCODE_NAMES.get(rcode) or rcode}"}}'
     )
+
+
+# What the hot path queues: (time, client, tail) for a repeat whose tail is known, or
+# (time, client, group, name, qtype, verdict, rcode, denied) for the writer to turn into one.
+Entry = tuple[Any, ...]
 
 
 def client_ip_formatter(mode: str) -> Callable[[str], str]:
@@ -103,51 +113,37 @@ class QueryLog:
         self.on_drop = on_drop
         self.on_line = on_line
         self.wall_clock = wall_clock
-        self.queue: deque[str] = deque()
+        self.logs_blocked = mode != "none"
+        self.logs_allowed = mode == "all"
+        self.queue: deque[Entry] = deque()
         self._reopen = False
         self._stop = threading.Event()
         self._error_reported = False
         self._file: IO[str] | None = None
         self._thread: threading.Thread | None = None
-        self._ts_second = -1
-        self._ts_head = ""
-        self._clients: dict[str, str] = {}
+        self._formatter = _LineFormatter(self.format_client)
 
-    # -- hot path (reactor thread) ------------------------------------------------------------
+    # -- hot path (reactor thread): append raw fields, nothing more -------------------------
 
-    def __call__(
+    def answered(
         self, client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False
     ) -> None:
-        if self.mode == "none" or (self.mode == "blocked" and verdict is None and not denied):
+        """One answered query (blocked, monitored and denied ones in `blocked` mode, all in `all`)."""
+        if not (self.logs_allowed or (self.logs_blocked and (verdict is not None or denied))):
             return
-        self.write(client, line_tail(group, query, verdict, rcode, denied))
-
-    @property
-    def logs_blocked(self) -> bool:
-        return self.mode != "none"
-
-    def write(self, client: str, tail: str) -> None:
-        """Queue one line: the timestamp and client, then a tail made by line_tail()."""
         queue = self.queue
         if len(queue) >= QUEUE_LIMIT:
             self.on_drop()
             return
-        now = self.wall_clock()
-        second = int(now)
-        if second != self._ts_second:  # strftime once a second, not once a line
-            self._ts_second = second
-            self._ts_head = '{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + "."
-        shown = self._clients.get(client) or self._client(client)
-        queue.append(f'{self._ts_head}{int((now - second) * 1000):03d}Z","client":{shown},{tail}')
+        queue.append((self.wall_clock(), client, group, query.key, query.qtype, verdict, rcode, denied))
 
-    def _client(self, ip: str) -> str:
-        """The client as JSON text (formatted for privacy), remembered per address."""
-        shown = self._clients.get(ip)
-        if shown is None:
-            if len(self._clients) > 65536:
-                self._clients.clear()
-            shown = self._clients[ip] = _json_string(self.format_client(ip))
-        return shown
+    def repeated(self, client: str, tail: str) -> None:
+        """A repeated blocked query whose line tail (line_tail()) the caller kept."""
+        queue = self.queue
+        if len(queue) >= QUEUE_LIMIT:
+            self.on_drop()
+            return
+        queue.append((self.wall_clock(), client, tail))
 
     # -- writer thread ----------------------------------------------------------------------
 
@@ -175,15 +171,20 @@ class QueryLog:
         self.flush()
         self._close()
 
+    def pending_lines(self) -> list[str]:
+        """The queued lines as they will be written (for tests and diagnostics; removes nothing)."""
+        return self._formatter.lines(list(self.queue))
+
     def flush(self) -> None:
         if self._reopen:
             self._reopen = False
             self._close()
         queue = self.queue
-        # Only the lines present now: the reactor thread may append while this runs.
-        lines = [queue.popleft() for _ in range(len(queue))]
-        if not lines:
+        # Only the entries present now: the reactor thread may append while this runs.
+        entries = [queue.popleft() for _ in range(len(queue))]
+        if not entries:
             return
+        lines = self._formatter.lines(entries)
         try:
             handle = self._open()
             handle.write("\n".join(lines) + "\n")
@@ -218,3 +219,42 @@ class QueryLog:
             except OSError:
                 pass
         self._file = None
+
+
+class _LineFormatter:
+    """Turns queued entries into JSON lines (writer thread), reusing what repeats."""
+
+    def __init__(self, format_client: Callable[[str], str]):
+        self.format_client = format_client
+        self._clients: dict[str, str] = {}
+        self._second = -1
+        self._second_text = ""
+        self._milli = -1
+        self._head = ""
+
+    def lines(self, entries: list[Entry]) -> list[str]:
+        lines = []
+        clients = self._clients
+        for entry in entries:
+            milli = int(entry[0] * 1000)
+            if milli != self._milli:  # the timestamp text once per millisecond, not once a line
+                self._stamp(milli)
+            client = clients.get(entry[1]) or self._client(entry[1])
+            tail = entry[2] if len(entry) == 3 else line_tail(*entry[2:])
+            lines.append(f"{self._head}{client},{tail}")
+        return lines
+
+    def _stamp(self, milli: int) -> None:
+        self._milli = milli
+        second, fraction = divmod(milli, 1000)
+        if second != self._second:  # strftime once a second
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self._head = f'{{"ts":"{self._second_text}.{fraction:03d}Z","client":'
+
+    def _client(self, ip: str) -> str:
+        """The client as JSON text (formatted for privacy), remembered per address."""
+        if len(self._clients) > 65536:
+            self._clients.clear()
+        shown = self._clients[ip] = _json_string(self.format_client(ip))
+        return shown

@@ -9,7 +9,6 @@ still being answered.
 from __future__ import annotations
 
 import socket
-import struct
 from typing import Any
 
 from twisted.internet import protocol
@@ -17,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
+from blockd.framing import FrameReader, frame
 from blockd.resolver import Resolver
 
 _log = Logger()
@@ -71,7 +71,7 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
 
     def __init__(self, factory: DNSStreamFactory):
         self.factory = factory
-        self.buffer = b""
+        self.frames = FrameReader()
         self.pending = 0
         self.paused = False
         self.client = ""
@@ -91,12 +91,7 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
         self.resetTimeout()
-        self.buffer += data
-        while len(self.buffer) >= 2:
-            (length,) = struct.unpack_from("!H", self.buffer)
-            if len(self.buffer) < 2 + length:
-                break
-            message, self.buffer = self.buffer[2 : 2 + length], self.buffer[2 + length :]
+        for message in self.frames.feed(data):
             self._answer(message)
         if self.pending >= self.max_pending and not self.paused:
             self.paused = True
@@ -127,7 +122,7 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
 
     def _write(self, answer: bytes | None) -> None:
         if answer is not None and self.transport is not None and self.transport.connected:
-            self.transport.write(struct.pack("!H", len(answer)) + answer)
+            self.transport.write(frame(answer))
 
     def timeoutConnection(self) -> None:  # noqa: N802 (Twisted API)
         if self.pending:

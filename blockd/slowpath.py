@@ -27,12 +27,27 @@ class BadVersion(Exception):
         self.query = query
 
 
-def parse_query_slow(data: bytes) -> tuple[Query, DNSRecord]:
+class SlowQuery(Query):
+    """A query only dnslib could read: the same interface as wire.Query, built with dnslib."""
+
+    __slots__ = ("record",)
+    memoizable = False
+
+    def __init__(self, record: DNSRecord) -> None:
+        super().__init__()
+        self.record = record
+
+    def blocked_response(self, action: str, ttl: int, sinkhole_a: bytes, sinkhole_aaaa: bytes, ede_text: str) -> bytes:
+        return blocked_response_slow(self.record, self, action, ttl, sinkhole_a, sinkhole_aaaa, ede_text)
+
+    def upstream_message(self, forward_ecs: bool) -> bytes:
+        return upstream_message_slow(self.record, self, forward_ecs)
+
+
+def parse_query_slow(data: bytes) -> SlowQuery:
+    """Parse a query with dnslib.  Raises Drop, HeaderOnlyError (FORMERR/NOTIMP) or BadVersion."""
     query_id, flags, qdcount, _an, _ns, _ar = wire.read_header(data)
-    if flags & wire.OPCODE_MASK:
-        raise HeaderOnlyError(query_id, flags, wire.RCODE_NOTIMP, "opcode is not QUERY")
-    if qdcount != 1:
-        raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, f"QDCOUNT is {qdcount}, not 1")
+    wire.check_query_header(query_id, flags, qdcount)
     try:
         record = DNSRecord.parse(data)
     except (DNSError, DNSLabelError, struct.error, ValueError, IndexError, UnicodeError) as exc:
@@ -41,7 +56,7 @@ def parse_query_slow(data: bytes) -> tuple[Query, DNSRecord]:
     buffer = DNSBuffer()
     buffer.encode_name_nocompress(question.qname)
     buffer.pack("!HH", question.qtype, question.qclass)
-    query = Query()
+    query = SlowQuery(record)
     query.raw = data
     query.id = query_id
     query.flags = flags
@@ -60,7 +75,7 @@ def parse_query_slow(data: bytes) -> tuple[Query, DNSRecord]:
         query.options = _opt_options(data, query_id, flags)
         if (opt.ttl >> 16) & 0xFF != 0:
             raise BadVersion(query)
-    return query, record
+    return query
 
 
 def _opt_options(data: bytes, query_id: int, flags: int) -> list[tuple[int, bytes]]:
@@ -78,21 +93,14 @@ def _opt_options(data: bytes, query_id: int, flags: int) -> list[tuple[int, byte
     for index in range(ancount + nscount + arcount):
         buffer.decode_name()
         rtype, _rclass, _ttl, rdlength = buffer.unpack("!HHIH")
-        rdata = bytes(buffer.get(rdlength))
+        start = buffer.offset
+        buffer.get(rdlength)
         if rtype != QTYPE.OPT or index < ancount + nscount:
             continue
-        options = []
-        at = 0
-        while at < rdlength:
-            if at + 4 > rdlength:
-                raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, "EDNS option truncated")
-            code, length = struct.unpack_from("!HH", rdata, at)
-            at += 4
-            if at + length > rdlength:
-                raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, "EDNS option truncated")
-            options.append((code, rdata[at : at + length]))
-            at += length
-        return options
+        try:
+            return wire.read_options(data, start, start + rdlength)
+        except ValueError as exc:
+            raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, str(exc)) from None
     return []
 
 

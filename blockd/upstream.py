@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from blockd.config import Endpoint
+from blockd.framing import FrameReader, frame
 from blockd.wire import FLAG_QR, FLAG_TC
 
 MAX_UDP_ANSWER = 65535
@@ -108,18 +109,13 @@ class _TCPAttempt(protocol.Protocol):
         self.query_id = query_id
         self.question = question
         self.deferred = deferred
-        self.buffer = b""
+        self.frames = FrameReader()
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
-        self.transport.write(struct.pack("!H", len(self.message)) + self.message)
+        self.transport.write(frame(self.message))
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
-        self.buffer += data
-        while len(self.buffer) >= 2:
-            (length,) = struct.unpack_from("!H", self.buffer)
-            if len(self.buffer) < 2 + length:
-                return
-            answer, self.buffer = self.buffer[2 : 2 + length], self.buffer[2 + length :]
+        for answer in self.frames.feed(data):
             if answer_matches(answer, self.query_id, self.question) and not self.deferred.called:
                 self.deferred.callback(answer)
                 self.transport.loseConnection()

@@ -85,7 +85,12 @@ class HeaderOnlyError(Exception):
 
 
 class Query:
-    """What blockd needs to know about a query, read from its wire bytes."""
+    """What blockd needs to know about a query, read from its wire bytes.
+
+    Callers never ask which parser read it: the query builds its own blocked answer and its
+    upstream message.  This class is the byte-level fast path's; blockd.slowpath.SlowQuery is
+    the same interface over a dnslib record.
+    """
 
     __slots__ = (
         "raw",
@@ -101,6 +106,10 @@ class Query:
         "options",
         "opt_offset",
     )
+
+    # A fast-path query's answer depends only on its bytes (after the ID) and the policy, so it
+    # may be remembered for repeats (blockd.repeats); a slow-path one is rare and not worth it.
+    memoizable = True
 
     def __init__(self) -> None:
         self.raw = b""
@@ -123,15 +132,90 @@ class Query:
             return PLAIN_UDP_LIMIT
         return max(PLAIN_UDP_LIMIT, min(self.udp_size, 65535))
 
+    def blocked_response(self, action: str, ttl: int, sinkhole_a: bytes, sinkhole_aaaa: bytes, ede_text: str) -> bytes:
+        """The local answer for this blocked query (see blocked_response)."""
+        return blocked_response(self, action, ttl, sinkhole_a, sinkhole_aaaa, ede_text)
+
+    def upstream_message(self, forward_ecs: bool) -> bytes:
+        """This query as sent upstream (see upstream_message)."""
+        return upstream_message(self, forward_ecs)
+
 
 def read_header(data: bytes) -> tuple[int, int, int, int, int, int]:
     """Header fields, or Drop for packets that must not be answered."""
     if len(data) < 12:
         raise Drop("shorter than a DNS header")
-    fields = _HEADER.unpack_from(data)
+    fields: tuple[int, int, int, int, int, int] = _HEADER.unpack_from(data)
     if fields[1] & FLAG_QR:
         raise Drop("a response, not a query")
     return fields
+
+
+def check_query_header(query_id: int, flags: int, qdcount: int) -> None:
+    """Raise HeaderOnlyError for what is answered from the header alone (both parsers share it)."""
+    if flags & OPCODE_MASK:
+        raise HeaderOnlyError(query_id, flags, RCODE_NOTIMP, "opcode is not QUERY")
+    if qdcount != 1:
+        raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, f"QDCOUNT is {qdcount}, not 1")
+
+
+def read_options(data: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
+    """The EDNS options in data[start:end] (an OPT record's RDATA).  Raises ValueError.
+
+    Both parsers use this walk, so they agree on every trailing or truncated option.
+    """
+    options = []
+    at = start
+    while at < end:
+        if at + 4 > end:
+            raise ValueError("EDNS option truncated")
+        code, length = _TYPE_CLASS.unpack_from(data, at)
+        at += 4
+        if at + length > end:
+            raise ValueError("EDNS option truncated")
+        options.append((code, data[at : at + length]))
+        at += length
+    return options
+
+
+def _question_labels(data: bytes, query_id: int, flags: int) -> tuple[list[bytes], int] | None:
+    """The question name's labels and the offset after it; None for a pointer or label type."""
+    size = len(data)
+    pos = 12
+    labels = []
+    while True:
+        if pos >= size:
+            raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "question name runs past the end")
+        length = data[pos]
+        if length == 0:
+            return labels, pos + 1
+        if length > 63:
+            return None  # compression pointer or reserved label type: let dnslib judge
+        end = pos + 1 + length
+        labels.append(data[pos + 1 : end])
+        pos = end
+
+
+def _read_opt(data: bytes, pos: int, query: Query) -> bool:
+    """Fill query's EDNS fields from the OPT record at pos; False when the slow path must judge."""
+    if pos + 11 > len(data) or data[pos] != 0:
+        return False
+    _root, rtype, udp_size, ttl, rdlength = _OPT_FIXED.unpack_from(data, pos)
+    if rtype != TYPE_OPT or (ttl >> 16) & 0xFF != 0:
+        return False  # not OPT, or EDNS version != 0 (BADVERS is the slow path's job)
+    options_start = pos + 11
+    options_end = options_start + rdlength
+    if options_end > len(data):
+        raise HeaderOnlyError(query.id, query.flags, RCODE_FORMERR, "OPT record truncated")
+    try:
+        query.options = read_options(data, options_start, options_end)
+    except ValueError as exc:
+        raise HeaderOnlyError(query.id, query.flags, RCODE_FORMERR, str(exc)) from None
+    query.edns = True
+    query.udp_size = udp_size
+    query.dnssec_ok = bool(ttl & 0x8000)
+    query.opt_offset = pos
+    return True
 
 
 def parse_query(data: bytes) -> Query | None:
@@ -141,36 +225,21 @@ def parse_query(data: bytes) -> Query | None:
     path), raises Drop or HeaderOnlyError for packets that get no answer or FORMERR/NOTIMP.
     """
     query_id, flags, qdcount, ancount, nscount, arcount = read_header(data)
-    if flags & OPCODE_MASK:
-        raise HeaderOnlyError(query_id, flags, RCODE_NOTIMP, "opcode is not QUERY")
-    if qdcount != 1:
-        raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, f"QDCOUNT is {qdcount}, not 1")
+    check_query_header(query_id, flags, qdcount)
     if ancount or nscount or arcount > 1:
         return None
-    size = len(data)
-    pos = 12
-    labels = []
-    while True:
-        if pos >= size:
-            raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "question name runs past the end")
-        length = data[pos]
-        if length == 0:
-            pos += 1
-            break
-        if length > 63:
-            return None  # compression pointer or reserved label type: let dnslib judge
-        end = pos + 1 + length
-        labels.append(data[pos + 1 : end])
-        pos = end
-    if pos + 4 > size:
+    read = _question_labels(data, query_id, flags)
+    if read is None:
+        return None
+    labels, pos = read
+    if pos + 4 > len(data):
         raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "question truncated")
     if pos - 12 > 255:
         raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "question name longer than 255 octets")
     qtype, qclass = _TYPE_CLASS.unpack_from(data, pos)
-    if qclass != CLASS_IN:
-        return None
-    if not labels:
-        # The root: dnslib writes its one-byte owner name, not the 0xC00C pointer used below.
+    # The root (dnslib writes its one-byte owner name, not the 0xC00C pointer used here) and
+    # classes other than IN go to the slow path.
+    if qclass != CLASS_IN or not labels:
         return None
     key = key_from_wire_labels(labels)
     if "\\" in key or key.endswith("invalid"):
@@ -184,33 +253,8 @@ def parse_query(data: bytes) -> Query | None:
     query.qtype = qtype
     query.qclass = qclass
     query.question = data[12 : pos + 4]
-    pos += 4
-    if arcount:
-        if pos + 11 > size or data[pos] != 0:
-            return None
-        _root, rtype, udp_size, ttl, rdlength = _OPT_FIXED.unpack_from(data, pos)
-        if rtype != TYPE_OPT or (ttl >> 16) & 0xFF != 0:
-            return None  # not OPT, or EDNS version != 0 (BADVERS is the slow path's job)
-        options_start = pos + 11
-        options_end = options_start + rdlength
-        if options_end > size:
-            raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "OPT record truncated")
-        options = []
-        at = options_start
-        while at < options_end:
-            if at + 4 > options_end:
-                raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "EDNS option truncated")
-            code, length = _TYPE_CLASS.unpack_from(data, at)
-            at += 4
-            if at + length > options_end:
-                raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "EDNS option truncated")
-            options.append((code, data[at : at + length]))
-            at += length
-        query.edns = True
-        query.udp_size = udp_size
-        query.dnssec_ok = bool(ttl & 0x8000)
-        query.options = options
-        query.opt_offset = pos
+    if arcount and not _read_opt(data, pos + 4, query):
+        return None
     return query
 
 
@@ -287,6 +331,13 @@ def error_response(query: Query, rcode: int, ede_code: int | None = None, ede_te
 
 def header_only_response(query_id: int, query_flags: int, rcode: int) -> bytes:
     return _HEADER.pack(query_id, _response_flags(query_flags, rcode), 0, 0, 0, 0)
+
+
+def truncated_response(answer: bytes, query: Query, query_id: int) -> bytes:
+    """An answer too big for the client's UDP size, cut to header + question (+ OPT) with TC."""
+    flags = struct.unpack_from("!H", answer, 2)[0]
+    opt = opt_record(query.dnssec_ok) if query.edns else b""
+    return _HEADER.pack(query_id, flags | FLAG_TC, 1, 0, 0, 1 if opt else 0) + query.question + opt
 
 
 EDNS_OPTION_COOKIE = 10

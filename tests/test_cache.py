@@ -66,7 +66,7 @@ def parse(record: DNSRecord) -> Query:
     data = bytes(record.pack())
     query = wire.parse_query(data)
     if query is None:
-        query, _ = slowpath.parse_query_slow(data)
+        query = slowpath.parse_query_slow(data)
     return query
 
 

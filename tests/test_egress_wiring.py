@@ -113,7 +113,7 @@ class Harness:
         self.daemon.upstreams.resolve = self.upstream.resolve  # type: ignore[method-assign]
         assert self.daemon.netlink is not None
         self.daemon.netlink.startService()
-        self.daemon.start_egress_when_interfaces_known()
+        self.daemon.attach_egress()
 
     def ask(self, name: str, client: str, qtype: str = "A") -> DNSRecord:
         answer = self.daemon.resolver.handle(bytes(DNSRecord.question(name, qtype).pack()), client, "udp")

@@ -77,7 +77,7 @@ def make_log(path: Path | str = "-", mode: str = "all", client_ip: str = "full",
 
 
 def records(log: QueryLog) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.queue]
+    return [json.loads(line) for line in log.pending_lines()]
 
 
 def release(log: QueryLog) -> None:
@@ -95,32 +95,32 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 def test_mode_none_logs_nothing() -> None:
     log, _ = make_log(mode="none")
-    log("192.0.2.1", GOV, query(), SINKHOLED, wire.RCODE_NOERROR)
-    log("192.0.2.1", GOV, query(), None, wire.RCODE_NOERROR)
-    log("192.0.2.1", None, query(), None, wire.RCODE_REFUSED, denied=True)
+    log.answered("192.0.2.1", GOV, query(), SINKHOLED, wire.RCODE_NOERROR)
+    log.answered("192.0.2.1", GOV, query(), None, wire.RCODE_NOERROR)
+    log.answered("192.0.2.1", None, query(), None, wire.RCODE_REFUSED, denied=True)
     assert list(log.queue) == []
 
 
 def test_mode_blocked_logs_listed_names_and_denied_clients_only() -> None:
     log, _ = make_log(mode="blocked")
-    log("192.0.2.1", GOV, query(), None, wire.RCODE_NOERROR)  # forwarded: private by default
-    log("192.0.2.1", GOV, query(), SINKHOLED, wire.RCODE_NOERROR)
-    log("192.0.2.1", GOV, query(), MONITORED, wire.RCODE_NOERROR)
-    log("203.0.113.9", None, query(), None, wire.RCODE_REFUSED, denied=True)
+    log.answered("192.0.2.1", GOV, query(), None, wire.RCODE_NOERROR)  # forwarded: private by default
+    log.answered("192.0.2.1", GOV, query(), SINKHOLED, wire.RCODE_NOERROR)
+    log.answered("192.0.2.1", GOV, query(), MONITORED, wire.RCODE_NOERROR)
+    log.answered("203.0.113.9", None, query(), None, wire.RCODE_REFUSED, denied=True)
     assert [r["action"] for r in records(log)] == ["sinkhole", "monitor", "denied"]
 
 
 def test_mode_all_also_logs_forwarded_queries() -> None:
     log, _ = make_log(mode="all")
-    log("192.0.2.1", GOV, query(), None, wire.RCODE_NOERROR)
-    log("192.0.2.1", GOV, query(), SINKHOLED, wire.RCODE_NOERROR)
+    log.answered("192.0.2.1", GOV, query(), None, wire.RCODE_NOERROR)
+    log.answered("192.0.2.1", GOV, query(), SINKHOLED, wire.RCODE_NOERROR)
     assert [r["action"] for r in records(log)] == ["forward", "sinkhole"]
 
 
 def test_a_blocked_line_has_every_field() -> None:
     log, _ = make_log()
-    log("192.0.2.1", GOV, query("WWW.TikTok.com", "AAAA"), SINKHOLED, wire.RCODE_NOERROR)
-    (line,) = log.queue
+    log.answered("192.0.2.1", GOV, query("WWW.TikTok.com", "AAAA"), SINKHOLED, wire.RCODE_NOERROR)
+    (line,) = log.pending_lines()
     assert json.loads(line) == {
         "ts": "2023-11-14T22:13:20.250Z",
         "client": "192.0.2.1",
@@ -138,8 +138,8 @@ def test_a_blocked_line_has_every_field() -> None:
 
 def test_forwarded_denied_and_groupless_lines() -> None:
     log, _ = make_log()
-    log("192.0.2.1", None, query("example.com", "A"), None, wire.RCODE_SERVFAIL)
-    log("203.0.113.9", None, query("example.com", "MX"), None, wire.RCODE_REFUSED, denied=True)
+    log.answered("192.0.2.1", None, query("example.com", "A"), None, wire.RCODE_SERVFAIL)
+    log.answered("203.0.113.9", None, query("example.com", "MX"), None, wire.RCODE_REFUSED, denied=True)
     forwarded, denied = records(log)
     assert (forwarded["group"], forwarded["action"], forwarded["list"], forwarded["domain"]) == (
         "none",
@@ -158,7 +158,7 @@ def test_forwarded_denied_and_groupless_lines() -> None:
 
 def test_unknown_qtype_and_rcode_are_logged_as_numbers() -> None:
     log, _ = make_log()
-    log("192.0.2.1", GOV, query("example.com", "NAPTR"), None, 9)
+    log.answered("192.0.2.1", GOV, query("example.com", "NAPTR"), None, 9)
     (record,) = records(log)
     assert (record["qtype"], record["rcode"]) == ("35", "9")
 
@@ -174,7 +174,7 @@ def test_unknown_qtype_and_rcode_are_logged_as_numbers() -> None:
 )
 def test_timestamp_is_iso_8601_utc_with_milliseconds(now: float, expected: str) -> None:
     log = QueryLog("all", "-", wall_clock=lambda: now)
-    log("192.0.2.1", GOV, query(), None, 0)
+    log.answered("192.0.2.1", GOV, query(), None, 0)
     stamp = records(log)[0]["ts"]
     assert stamp == expected
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
@@ -204,7 +204,7 @@ def test_real_policy_objects(tmp_path: Path) -> None:
     verdict = policy.check(group, "www.tiktok.com")
     assert verdict is not None
     log, _ = make_log(mode="blocked")
-    log("192.0.2.1", group, query("www.tiktok.com", "A"), verdict, wire.RCODE_NXDOMAIN)
+    log.answered("192.0.2.1", group, query("www.tiktok.com", "A"), verdict, wire.RCODE_NXDOMAIN)
     (record,) = records(log)
     assert (record["group"], record["action"], record["list"], record["domain"], record["rcode"]) == (
         "government",
@@ -230,7 +230,7 @@ def test_real_policy_objects(tmp_path: Path) -> None:
 )
 def test_client_ip_truncate(client: str, expected: str) -> None:
     log, _ = make_log(client_ip="truncate")
-    log(client, GOV, query(), SINKHOLED, 0)
+    log.answered(client, GOV, query(), SINKHOLED, 0)
     assert records(log)[0]["client"] == expected
 
 
@@ -241,7 +241,7 @@ def test_client_ip_full_keeps_the_address() -> None:
 def test_client_ip_hash_is_stable_within_one_log_and_hides_the_address() -> None:
     log, _ = make_log(client_ip="hash")
     for client in ["192.0.2.77", "192.0.2.77", "192.0.2.78", "2001:db8::1"]:
-        log(client, GOV, query(), SINKHOLED, 0)
+        log.answered(client, GOV, query(), SINKHOLED, 0)
     first, again, neighbour, v6 = (r["client"] for r in records(log))
     assert first == again
     assert len({first, neighbour, v6}) == 3
@@ -261,15 +261,15 @@ def test_client_ip_hash_is_keyed_per_log() -> None:
 def test_flush_writes_one_line_per_query(tmp_path: Path) -> None:
     path = tmp_path / "queries.jsonl"
     log, counters = make_log(path)
-    log("192.0.2.1", GOV, query("a.tiktok.com"), SINKHOLED, 0)
-    log("192.0.2.2", GOV, query("b.tiktok.com"), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query("a.tiktok.com"), SINKHOLED, 0)
+    log.answered("192.0.2.2", GOV, query("b.tiktok.com"), SINKHOLED, 0)
     log.flush()
     assert [r["qname"] for r in read_lines(path)] == ["a.tiktok.com", "b.tiktok.com"]
     assert path.read_text().endswith("\n")
     assert list(log.queue) == []
     assert counters.lines == [2]
 
-    log("192.0.2.3", GOV, query("c.tiktok.com"), SINKHOLED, 0)
+    log.answered("192.0.2.3", GOV, query("c.tiktok.com"), SINKHOLED, 0)
     log.flush()
     log.flush()  # nothing queued: no empty write, no count
     assert [r["qname"] for r in read_lines(path)] == ["a.tiktok.com", "b.tiktok.com", "c.tiktok.com"]
@@ -290,7 +290,7 @@ def test_flush_appends_to_an_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "queries.jsonl"
     path.write_text('{"earlier":true}\n')
     log, _ = make_log(path)
-    log("192.0.2.1", GOV, query(), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query(), SINKHOLED, 0)
     log.flush()
     assert len(read_lines(path)) == 2
     release(log)
@@ -298,7 +298,7 @@ def test_flush_appends_to_an_existing_file(tmp_path: Path) -> None:
 
 def test_stdout_path(capsys: pytest.CaptureFixture[str]) -> None:
     log, counters = make_log("-")
-    log("192.0.2.1", GOV, query(), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query(), SINKHOLED, 0)
     log.flush()
     assert json.loads(capsys.readouterr().out)["qname"] == "www.tiktok.com"
     assert counters.lines == [1]
@@ -308,16 +308,16 @@ def test_reopen_after_a_rename_writes_a_new_file(tmp_path: Path) -> None:
     path = tmp_path / "queries.jsonl"
     rotated = tmp_path / "queries.jsonl.1"
     log, _ = make_log(path)
-    log("192.0.2.1", GOV, query("before.tiktok.com"), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query("before.tiktok.com"), SINKHOLED, 0)
     log.flush()
     path.rename(rotated)  # logrotate
 
-    log("192.0.2.1", GOV, query("late.tiktok.com"), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query("late.tiktok.com"), SINKHOLED, 0)
     log.flush()  # no SIGHUP yet: the open file (now rotated) still gets the line
     assert not path.exists()
 
     log.reopen()
-    log("192.0.2.1", GOV, query("after.tiktok.com"), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query("after.tiktok.com"), SINKHOLED, 0)
     log.flush()
     assert [r["qname"] for r in read_lines(rotated)] == ["before.tiktok.com", "late.tiktok.com"]
     assert [r["qname"] for r in read_lines(path)] == ["after.tiktok.com"]
@@ -327,13 +327,13 @@ def test_reopen_after_a_rename_writes_a_new_file(tmp_path: Path) -> None:
 def test_a_write_error_is_counted_once_per_flush_and_each_line_dropped(tmp_path: Path) -> None:
     log, counters = make_log(tmp_path)  # a directory: every open fails
     for _ in range(3):
-        log("192.0.2.1", GOV, query(), SINKHOLED, 0)
+        log.answered("192.0.2.1", GOV, query(), SINKHOLED, 0)
     log.flush()
     assert (counters.errors, counters.drops, counters.lines) == (1, 3, [])
     assert list(log.queue) == []
 
-    log("192.0.2.1", GOV, query(), SINKHOLED, 0)  # the hot path never notices
-    log("192.0.2.1", GOV, query(), None, 0, denied=True)
+    log.answered("192.0.2.1", GOV, query(), SINKHOLED, 0)  # the hot path never notices
+    log.answered("192.0.2.1", GOV, query(), None, 0, denied=True)
     log.flush()
     assert (counters.errors, counters.drops) == (2, 5)
     log.flush()  # nothing to write: no error
@@ -343,12 +343,12 @@ def test_a_write_error_is_counted_once_per_flush_and_each_line_dropped(tmp_path:
 def test_writing_resumes_when_the_error_clears(tmp_path: Path) -> None:
     path = tmp_path / "not-yet" / "queries.jsonl"
     log, counters = make_log(path)
-    log("192.0.2.1", GOV, query("lost.tiktok.com"), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query("lost.tiktok.com"), SINKHOLED, 0)
     log.flush()
     assert (counters.errors, counters.drops) == (1, 1)
 
     path.parent.mkdir()
-    log("192.0.2.1", GOV, query("kept.tiktok.com"), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query("kept.tiktok.com"), SINKHOLED, 0)
     log.flush()
     assert [r["qname"] for r in read_lines(path)] == ["kept.tiktok.com"]
     assert counters.lines == [1]
@@ -367,7 +367,7 @@ def test_a_lasting_write_error_is_logged_once(tmp_path: Path) -> None:
     globalLogPublisher.addObserver(observe)
     try:
         for _ in range(3):
-            log("192.0.2.1", GOV, query(), SINKHOLED, 0)
+            log.answered("192.0.2.1", GOV, query(), SINKHOLED, 0)
             log.flush()
     finally:
         globalLogPublisher.removeObserver(observe)
@@ -379,12 +379,12 @@ def test_a_full_queue_drops_and_counts(monkeypatch: pytest.MonkeyPatch, tmp_path
     path = tmp_path / "queries.jsonl"
     log, counters = make_log(path)
     for index in range(5):
-        log("192.0.2.1", GOV, query(f"n{index}.tiktok.com"), SINKHOLED, 0)
+        log.answered("192.0.2.1", GOV, query(f"n{index}.tiktok.com"), SINKHOLED, 0)
     assert len(log.queue) == 3
     assert counters.drops == 2
 
     log.flush()
-    log("192.0.2.1", GOV, query("n5.tiktok.com"), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query("n5.tiktok.com"), SINKHOLED, 0)
     log.flush()
     assert [r["qname"] for r in read_lines(path)] == [
         "n0.tiktok.com",
@@ -399,7 +399,7 @@ def test_a_full_queue_drops_and_counts(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_filtered_queries_never_count_as_drops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(querylog, "QUEUE_LIMIT", 0)
     log, counters = make_log(mode="blocked")
-    log("192.0.2.1", GOV, query(), None, 0)  # not logged in this mode, so not dropped either
+    log.answered("192.0.2.1", GOV, query(), None, 0)  # not logged in this mode, so not dropped either
     assert counters.drops == 0
-    log("192.0.2.1", GOV, query(), SINKHOLED, 0)
+    log.answered("192.0.2.1", GOV, query(), SINKHOLED, 0)
     assert counters.drops == 1

@@ -1,0 +1,123 @@
+"""The daemon's own services: DNS listeners, pidfile, query-log writer (Twisted MultiService children).
+
+Constructors build; startService binds and opens; stopService releases.  A start-up problem
+(a port in use, an unwritable pidfile) is a StartupError naming the config key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from blockd.config import Endpoint
+from blockd.querylog import QueryLog
+from blockd.resolver import Resolver
+from blockd.server import DNSDatagramProtocol, DNSStreamFactory
+
+_log = Logger()
+
+
+class StartupError(Exception):
+    pass
+
+
+class DNSService(service.Service):
+    """UDP and TCP listeners on every configured address.
+
+    gate: returns a Deferred to wait for before reading (the first read of interface-defined
+    groups), or None.  The sockets are bound at start either way, so a port in use is still a
+    start-up error; queries arriving meanwhile wait in the socket buffers, never answered as
+    "no group".  `opened` fires once the listeners read.
+    """
+
+    def __init__(
+        self,
+        reactor: object,
+        endpoints: tuple[Endpoint, ...],
+        factory: DNSStreamFactory,
+        resolver: Resolver,
+        gate: Callable[[], defer.Deferred[None] | None] | None = None,
+    ):
+        self.reactor = reactor
+        self.endpoints = endpoints
+        self.factory = factory
+        self.resolver = resolver
+        self.gate = gate
+        self.ports: list[Any] = []
+        self.opened: defer.Deferred[None] = defer.Deferred()
+
+    def startService(self) -> None:  # noqa: N802 (Twisted API)
+        super().startService()
+        for endpoint in self.endpoints:
+            try:
+                self.ports.append(
+                    self.reactor.listenUDP(
+                        endpoint.port, DNSDatagramProtocol(self.resolver), interface=endpoint.host, maxPacketSize=65535
+                    )
+                )
+                self.ports.append(self.reactor.listenTCP(endpoint.port, self.factory, interface=endpoint.host))
+            except CannotListenError as exc:
+                raise StartupError(f"server.listen: cannot listen on {endpoint}: {exc.socketError}") from None
+            _log.info("listening for DNS on {endpoint} (UDP and TCP)", endpoint=str(endpoint))
+        waiting = self.gate() if self.gate is not None else None
+        if waiting is None or waiting.called:
+            self.opened.callback(None)
+            return
+        for port in self.ports:
+            port.stopReading()
+        waiting.addCallback(self._open)
+
+    def _open(self, result: object) -> object:
+        if self.running:
+            for port in self.ports:
+                port.startReading()
+            self.opened.callback(None)
+        return result
+
+    def stopService(self) -> defer.Deferred[object]:  # noqa: N802 (Twisted API)
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+class PidFile(service.Service):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def startService(self) -> None:  # noqa: N802 (Twisted API)
+        super().startService()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text(f"{os.getpid()}\n")
+            temporary.replace(self.path)
+        except OSError as exc:
+            raise StartupError(f"server.pidfile: cannot write {self.path}: {exc.strerror}") from None
+
+    def stopService(self) -> None:  # noqa: N802 (Twisted API)
+        super().stopService()
+        try:
+            if self.path.read_text().strip() == str(os.getpid()):
+                self.path.unlink()
+        except OSError:
+            pass
+
+
+class QueryLogService(service.Service):
+    def __init__(self, query_log: QueryLog):
+        self.query_log = query_log
+
+    def startService(self) -> None:  # noqa: N802 (Twisted API)
+        super().startService()
+        self.query_log.start()
+
+    def stopService(self) -> None:  # noqa: N802 (Twisted API)
+        super().stopService()
+        self.query_log.stop()
