@@ -1,0 +1,380 @@
+"""The servers under test and the fake upstream: config templates, start-up, the answer check.
+
+A server is a `Server` subclass registered in SERVERS; a configuration of one server compared with
+another (blockd with metrics on and off) is a `Toggle` in TOGGLES. A new comparison (unbound with an
+RPZ zone, blockd with dnstap on/off or limits on/off) is a new subclass, or a new instance with other
+options, plus its command-line option in run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from common import BENCH, BenchError, log
+from data import ListSet
+from procs import CLIENT_CPU, SERVER_CPU, Proc, Procs, free_port
+
+TEMPLATES = BENCH / "templates"
+FORWARD_A = "192.0.2.1"  # what the fake upstream answers for every name under bench.test.
+
+
+def template(name: str, **values: object) -> str:
+    return string.Template((TEMPLATES / name).read_text()).substitute({k: str(v) for k, v in values.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# DNS on the wire (probes and sanity checks; dnslib is a blockd dependency)
+
+
+def dns_query(port: int, name: str, qtype: str, timeout: float = 1.0) -> Any:
+    from dnslib import DNSRecord
+
+    request = DNSRecord.question(name, qtype)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(request.pack(), ("127.0.0.1", port))
+        while True:
+            data, _ = sock.recvfrom(65535)
+            reply = DNSRecord.parse(data)
+            if reply.header.id == request.header.id:
+                return reply
+
+
+def wait_until_answering(proc: Proc, port: int, name: str, started: float, limit: float) -> float:
+    """Seconds from `started` until the server answers a query for `name`."""
+    query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.01)
+        while True:
+            if proc.popen.poll() is not None:
+                raise BenchError(f"{proc.name} exited with {proc.popen.returncode} while starting:\n{proc.log_tail()}")
+            if time.monotonic() - started > limit:
+                raise BenchError(f"{proc.name} did not answer within {limit:g}s:\n{proc.log_tail()}")
+            try:
+                sock.sendto(query, ("127.0.0.1", port))
+                data = sock.recv(4096)
+                if data[:2] == query[:2]:
+                    return time.monotonic() - started
+            except (TimeoutError, ConnectionRefusedError, OSError):
+                pass
+
+
+# --------------------------------------------------------------------------------------------
+# What every server needs
+
+
+@dataclass
+class Context:
+    """What starting a server needs from the run."""
+
+    tmp: Path  # generated configs and logs
+    tools: dict[str, str]
+    procs: Procs
+    src: Path  # the blockd snapshot: blockd runs from here
+    upstream_port: int = 0  # set by start_upstream
+    seq: int = 0
+
+    def next_name(self, kind: str, key: str) -> str:
+        """A name for the next instance's files: kind-listset-N."""
+        self.seq += 1
+        return f"{kind}-{key}-{self.seq}"
+
+
+@dataclass
+class Instance:
+    kind: str
+    proc: Proc
+    port: int
+    startup: float
+    metrics_port: int | None = None
+    log_path: Path | None = None
+
+
+@dataclass
+class Launch:
+    """How to start one instance: its command line, and where blockd reports what it counted."""
+
+    command: list[str]
+    metrics_port: int | None = None
+    log_path: Path | None = None
+
+
+Check = tuple[str, str, Callable[[Any], bool]]  # name, qtype, good(reply)
+
+
+class Server:
+    """A server under test. Subclasses write its block-list config and its command line."""
+
+    kind: ClassVar[str]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Server:
+        return cls()
+
+    def write_lists(self, listset: ListSet, ctx: Context) -> None:
+        """Write this server's block-list config for `listset` into listset.configs[kind] (if it needs one)."""
+
+    def launch(self, name: str, port: int, listset: ListSet, ctx: Context) -> Launch:
+        raise NotImplementedError
+
+    def notes_after_runs(self, instance: Instance, listset: ListSet) -> list[str]:
+        """Report notes taken from the instance after every run on it (before it stops)."""
+        return []
+
+    def start(self, listset: ListSet, ctx: Context) -> Instance:
+        """A fresh instance on a free port, pinned to the server CPU, answering a listed name."""
+        name = ctx.next_name(self.kind, listset.key)
+        port = free_port()
+        launch = self.launch(name, port, listset, ctx)
+        started = time.monotonic()
+        proc = ctx.procs.start(name, ["taskset", "-c", SERVER_CPU, *launch.command], ctx.tmp / f"{name}.log", ctx.src)
+        startup = wait_until_answering(proc, port, listset.probe, started, 300)
+        return Instance(self.kind, proc, port, startup, launch.metrics_port, launch.log_path)
+
+    def answer_checks(self, listset: ListSet) -> list[Check]:
+        """The server blocks A, AAAA, subdomains and other types locally, and forwards the rest."""
+        blocked = listset.domains[len(listset.domains) // 2]
+        return [
+            (blocked, "A", lambda r: r.header.rcode == 0 and str(r.short()) == "0.0.0.0"),
+            (f"deep.sub.{blocked}", "AAAA", lambda r: r.header.rcode == 0 and str(r.short()) == "::"),
+            # NOERROR with no answer: answered locally (the fake upstream says NXDOMAIN to everything
+            # outside bench.test, so a forwarded MX would come back NXDOMAIN).
+            (blocked, "MX", lambda r: r.header.rcode == 0 and not r.rr),
+            ("sanity.bench.test", "A", lambda r: r.header.rcode == 0 and str(r.short()) == FORWARD_A),
+        ]
+
+    def check_answers(self, instance: Instance, listset: ListSet) -> str:
+        """The report's answer-check line; raises BenchError when a listed name is not blocked."""
+        failed = []
+        for name, qtype, good in self.answer_checks(listset):
+            try:
+                reply = dns_query(instance.port, name, qtype)
+            except (TimeoutError, OSError) as exc:
+                failed.append(f"{name} {qtype}: no answer ({exc})")
+                continue
+            if not good(reply):
+                rcode = reply.header.rcode
+                failed.append(f"{name} {qtype}: rcode {rcode} answer {[str(rr.rdata) for rr in reply.rr]}")
+        label = f"{instance.kind} / {listset.key}"
+        if not failed:
+            return f"{label}: OK (A 0.0.0.0, subdomain AAAA ::, MX NODATA locally, forward {FORWARD_A})"
+        log(f"answer check {label}: FAILED {failed}")
+        if any(f.split(":")[0].endswith((" A", " AAAA")) and "bench.test" not in f for f in failed):
+            raise BenchError(f"{label} does not block as configured: {failed}")
+        return f"{label}: FAILED " + "; ".join(failed)
+
+
+# --------------------------------------------------------------------------------------------
+# The servers
+
+
+BLOCKD_COUNTERS = (
+    "blockd_dns_blocked_total",
+    "blockd_cache_requests_total",
+    "blockd_cache_hits_total",
+    "blockd_cache_entries",
+    "blockd_cache_evictions_total",
+)
+
+
+@dataclass
+class Blockd(Server):
+    """One blockd process (templates/blockd.toml); `metrics` False turns the listener, counting and the log off."""
+
+    kind: ClassVar[str] = "blockd"
+    metrics: bool = True
+
+    def launch(self, name: str, port: int, listset: ListSet, ctx: Context) -> Launch:
+        metrics_port = free_port() if self.metrics else None
+        log_path = ctx.tmp / f"{name}-queries.log"
+        lists = "".join(f'[lists.{n}]\npath = "{p}"\n' for n, p in listset.files.items())
+        conf = ctx.tmp / f"{name}.toml"
+        conf.write_text(
+            template(
+                "blockd.toml",
+                port=port,
+                upstream_port=ctx.upstream_port,
+                metrics_listen=f"127.0.0.1:{metrics_port}" if self.metrics else "",
+                log_queries="blocked" if self.metrics else "none",
+                log_path=log_path,
+                lists=lists,
+                list_names=", ".join(f'"{n}"' for n in listset.files),
+            )
+        )
+        check = subprocess.run(
+            [sys.executable, "-m", "blockd", "check", "--config", str(conf)],
+            capture_output=True,
+            text=True,
+            cwd=ctx.src,
+        )
+        if check.returncode != 0:
+            raise BenchError(f"blockd check --config {conf} failed:\n{check.stdout}{check.stderr}")
+        return Launch([sys.executable, "-m", "blockd", "run", "--config", str(conf)], metrics_port, log_path)
+
+    def notes_after_runs(self, instance: Instance, listset: ListSet) -> list[str]:
+        if listset.key != "shipped":
+            return []
+        return [
+            "blockd's metrics and query log were really on: after all its shipped-list runs it reported "
+            + self.counters(instance)
+        ]
+
+    def counters(self, instance: Instance) -> str:
+        """What blockd counted (from /metrics) and logged (query-log lines)."""
+        parts = []
+        if instance.metrics_port:
+            try:
+                url = f"http://127.0.0.1:{instance.metrics_port}/metrics"
+                text = urllib.request.urlopen(url, timeout=5).read().decode()
+                for metric in BLOCKD_COUNTERS:
+                    values = [
+                        float(line.rsplit(" ", 1)[1])
+                        for line in text.splitlines()
+                        if line.startswith((metric + "{", metric + " "))
+                    ]
+                    if values:
+                        parts.append(f"{metric} = {sum(values):,.0f}")
+            except (OSError, ValueError) as exc:
+                parts.append(f"metrics scrape failed: {exc}")
+        if instance.log_path is not None:
+            time.sleep(0.5)  # the query-log writer flushes every 0.2 s
+            try:
+                with open(instance.log_path, "rb") as handle:
+                    parts.append(f"query log lines = {sum(1 for _ in handle):,}")
+            except OSError:
+                parts.append("query log: no file")
+        return ", ".join(parts)
+
+
+@dataclass
+class Dnsmasq(Server):
+    """dnsmasq (templates/dnsmasq.conf): local= plus address= 0.0.0.0 and :: per listed name."""
+
+    kind: ClassVar[str] = "dnsmasq"
+
+    def write_lists(self, listset: ListSet, ctx: Context) -> None:
+        path = listset.configs[self.kind] = ctx.tmp / f"dnsmasq-lists-{listset.key}.conf"
+        with open(path, "w") as handle:
+            for name in listset.domains:
+                handle.write(f"local=/{name}/\naddress=/{name}/0.0.0.0\naddress=/{name}/::\n")
+
+    def launch(self, name: str, port: int, listset: ListSet, ctx: Context) -> Launch:
+        conf = ctx.tmp / f"{name}.conf"
+        conf.write_text(
+            template("dnsmasq.conf", port=port, upstream_port=ctx.upstream_port, lists_conf=listset.configs[self.kind])
+        )
+        return Launch([ctx.tools["dnsmasq"], "-k", "-C", str(conf)])
+
+
+@dataclass
+class Unbound(Server):
+    """unbound (templates/unbound.conf), one thread: local-zone always_null, or redirect + local-data."""
+
+    kind: ClassVar[str] = "unbound"
+    style: str = "always_null"  # --unbound-style
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Server:
+        return cls(style=args.unbound_style)
+
+    def write_lists(self, listset: ListSet, ctx: Context) -> None:
+        path = listset.configs[self.kind] = ctx.tmp / f"unbound-lists-{listset.key}.conf"
+        with open(path, "w") as handle:
+            for name in listset.domains:
+                if self.style == "redirect":
+                    handle.write(
+                        f'local-zone: "{name}." redirect\n'
+                        f'local-data: "{name}. 300 IN A 0.0.0.0"\n'
+                        f'local-data: "{name}. 300 IN AAAA ::"\n'
+                    )
+                else:
+                    handle.write(f'local-zone: "{name}." always_null\n')
+
+    def launch(self, name: str, port: int, listset: ListSet, ctx: Context) -> Launch:
+        conf = ctx.tmp / f"{name}.conf"
+        conf.write_text(
+            template(
+                "unbound.conf",
+                port=port,
+                upstream_port=ctx.upstream_port,
+                tmp=ctx.tmp,
+                lists_conf=listset.configs[self.kind],
+            )
+        )
+        return Launch([ctx.tools["unbound"], "-d", "-c", str(conf)])
+
+
+# The table's columns, in this order: the first is the subject, the others are its anchors.
+SERVERS: dict[str, type[Server]] = {cls.kind: cls for cls in (Blockd, Dnsmasq, Unbound)}
+
+
+def build_servers(args: argparse.Namespace) -> dict[str, Server]:
+    return {kind: cls.from_args(args) for kind, cls in SERVERS.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Variants compared back to back
+
+
+@dataclass(frozen=True)
+class Toggle:
+    """One server in two configurations, compared on fresh instances alternating on, off (blocked answers)."""
+
+    slug: str  # the "Every measured run" labels: <kind>-<slug>-on/<listset>
+    what: str  # the progress log: "<kind> <what> on: ..."
+    title: str  # the report section: "### <kind>: <title> on vs off (...)"
+    on: Server
+    off: Server
+    on_config: str  # the section's table: how each configuration differs
+    off_config: str
+
+    @property
+    def kind(self) -> str:
+        return self.on.kind
+
+
+# args attribute (a store_true option in run.py) -> the comparison it turns on
+TOGGLES: dict[str, Toggle] = {
+    "metrics_off": Toggle(
+        slug="metrics",
+        what="metrics/log",
+        title="metrics + blocked-query log",
+        on=Blockd(metrics=True),
+        off=Blockd(metrics=False),
+        on_config='metrics on, `[log] queries = "blocked"`',
+        off_config='`[metrics] listen = ""`, `[log] queries = "none"`',
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The fake upstream
+
+
+def start_upstream(ctx: Context) -> Instance:
+    """unbound as a local authoritative server for bench.test., on the client CPU; sets ctx.upstream_port."""
+    ctx.upstream_port = free_port()
+    conf = ctx.tmp / "upstream-unbound.conf"
+    conf.write_text(template("upstream-unbound.conf", port=ctx.upstream_port, tmp=ctx.tmp))
+    proc = ctx.procs.start(
+        "upstream",
+        ["taskset", "-c", CLIENT_CPU, ctx.tools["unbound"], "-d", "-c", str(conf)],
+        ctx.tmp / "upstream.log",
+    )
+    startup = wait_until_answering(proc, ctx.upstream_port, "probe.bench.test", time.monotonic(), 30)
+    reply = dns_query(ctx.upstream_port, "probe.bench.test", "A")
+    if str(reply.short()) != FORWARD_A:
+        raise BenchError(f"fake upstream answered {reply.short()!r}, expected {FORWARD_A}")
+    log(f"fake upstream (unbound, local-zone bench.test.) on 127.0.0.1:{ctx.upstream_port}, CPU {CLIENT_CPU}")
+    return Instance("upstream", proc, ctx.upstream_port, startup)

@@ -1,0 +1,245 @@
+"""The benchmark itself: which figures are measured on which server, list set and variant, in what order."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common import BENCH, log
+from data import ListSet, QueryFiles, list_sets, query_files
+from load import FIXED_QPS, Dnsperf, PerfResult, QuietGate
+from procs import CLIENT_CPU, Procs, Snapshot, ensure_py_spy, rss_mb
+from report import ms_list, profile_tables, qps_list, toggle_section
+from servers import TOGGLES, Context, Instance, Toggle, build_servers, start_upstream
+
+Figures = dict[str, object]  # metric -> value, for one server and one list set
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tools: dict[str, str], tmp: Path, procs: Procs, snapshot: Snapshot):
+        self.args = args
+        self.tools = tools
+        self.tmp = tmp
+        self.procs = procs
+        self.fingerprint = snapshot.fingerprint
+        self.cache_state = "?"
+        self.ctx = Context(tmp, tools, procs, snapshot.root)
+        self.servers = build_servers(args)
+        self.perf = Dnsperf.from_args(args, tools)
+        self.quiet = QuietGate(args.quiet_wait, args.quiet_budget)
+        self.upstream: Instance | None = None
+        self.queries: QueryFiles | None = None
+        self.results: dict[str, dict[str, Figures]] = {}  # server -> listset -> metric -> value
+        self.runs: dict[str, dict[str, list[PerfResult]]] = {}  # "server/listset" -> metric -> every run
+        self.notes: list[str] = []
+        self.sanity: list[str] = []
+        self.extra: list[str] = []  # report sections of the optional runs
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def prepare(self) -> dict[str, ListSet]:
+        """The list sets, each selected server's block-list config for each, and the query files."""
+        args = self.args
+        sets = list_sets(self.tmp, self.ctx.src, None if args.skip_1m else args.synthetic)
+        for listset in sets.values():
+            for kind in args.servers:
+                self.servers[kind].write_lists(listset, self.ctx)
+        self.queries = query_files(self.tmp, args.repeat, args.duration)
+        return sets
+
+    # -- measurements -------------------------------------------------------------------------
+
+    def dnsperf(
+        self,
+        instance: Instance,
+        query_file: Path,
+        duration: float,
+        qps: int | None = None,
+        verbose: bool = False,
+        max_runs: int | None = None,
+    ) -> PerfResult:
+        upstream = self.upstream.proc if self.upstream is not None else None
+        return self.perf.run(instance.proc, instance.port, query_file, duration, qps, verbose, max_runs, upstream)
+
+    def paced(self, instance: Instance, query_file: Path) -> PerfResult:
+        return self.dnsperf(instance, query_file, self.args.duration, qps=FIXED_QPS, verbose=True)
+
+    def measure(
+        self, label: str, metric: str, instance: Instance, once: Callable[[int], PerfResult]
+    ) -> list[PerfResult]:
+        """Run `once(repeat_index)` --repeat times, recording every result under label/metric."""
+        results = []
+        for index in range(self.args.repeat):
+            self.quiet.wait(instance.proc.pid)
+            results.append(once(index))
+        self.runs.setdefault(label, {})[metric] = results
+        return results
+
+    def blocked(self, label: str, instance: Instance, listset: ListSet) -> Figures:
+        """Saturated blocked answers: qps and CPU per query."""
+        kind = instance.kind
+        runs = self.measure(
+            label, "blocked", instance, lambda _: self.dnsperf(instance, listset.query_file, self.args.duration)
+        )
+        best = max(runs, key=lambda r: r.qps)
+        log(
+            f"{kind}: blocked {qps_list(runs)} qps, {best.cpu_us or 0:.1f} us CPU/query, "
+            f"lost {best.lost}/{best.sent}, rcodes {best.rcodes}"
+        )
+        return {"blocked_qps": best.qps, "blocked_cpu_us": best.cpu_us, "blocked_lost": best.lost / max(1, best.sent)}
+
+    def paced_blocked(self, label: str, instance: Instance, listset: ListSet) -> Figures:
+        """Blocked answers at FIXED_QPS: p99, p50 and CPU per query."""
+        runs = self.measure(label, "p99_blocked", instance, lambda _: self.paced(instance, listset.query_file))
+        fixed = min(runs, key=lambda r: r.percentile(0.99))
+        res: Figures = {
+            "p99_blocked": fixed.percentile(0.99),
+            "p50_blocked": fixed.percentile(0.50),
+            "fixed_cpu_us": min(r.cpu_us or math.inf for r in runs),
+        }
+        log(
+            f"{instance.kind}: at {FIXED_QPS} qps blocked p99 {ms_list(runs)} ms (p50 "
+            f"{res['p50_blocked'] * 1e3:.3f}), {res['fixed_cpu_us']:.1f} us CPU/query"
+        )
+        return res
+
+    def hits(self, label: str, instance: Instance, hit_file: Path) -> Figures:
+        """Cache hits: a small set of forwarded names, warmed, then repeated; saturated, then paced."""
+        kind = instance.kind
+        self.dnsperf(instance, hit_file, min(2.0, self.args.duration), max_runs=3)
+        runs = self.measure(label, "hit", instance, lambda _: self.dnsperf(instance, hit_file, self.args.duration))
+        hit = max(runs, key=lambda r: r.qps)
+        log(f"{kind}: cache hit {qps_list(runs)} qps, lost {hit.lost}/{hit.sent}, rcodes {hit.rcodes}")
+        paced = self.measure(label, "p99_hit", instance, lambda _: self.paced(instance, hit_file))
+        log(f"{kind}: at {FIXED_QPS} qps cache-hit p99 {ms_list(paced)} ms")
+        return {
+            "hit_qps": hit.qps,
+            "hit_lost": hit.lost / max(1, hit.sent),
+            "p99_hit": min(r.percentile(0.99) for r in paced),
+        }
+
+    def misses(self, label: str, instance: Instance, queries: QueryFiles) -> Figures:
+        """Cache misses: names never asked before, answered by the fake upstream; one file per repeat."""
+        kind = instance.kind
+        runs = self.measure(
+            label,
+            "miss",
+            instance,
+            lambda i: self.dnsperf(instance, queries.misses[i], self.args.duration, max_runs=1),
+        )
+        miss = max(runs, key=lambda r: r.qps)
+        if any(r.sent >= queries.miss_count for r in runs):
+            self.notes.append(f"{kind}: a cache-miss run used up every unique name (raise the file size)")
+        log(f"{kind}: cache miss {qps_list(runs)} qps, lost {miss.lost}/{miss.sent}, rcodes {miss.rcodes}")
+        return {"miss_qps": miss.qps, "miss_lost": miss.lost / max(1, miss.sent)}
+
+    def run_server(self, kind: str, listset: ListSet) -> Figures:
+        """Every figure for one server and one list set, from one instance; best of --repeat runs."""
+        assert self.queries is not None
+        server = self.servers[kind]
+        label = f"{kind}/{listset.key}"
+        res: Figures = {}
+        log(f"{kind}: starting with the {listset.label}")
+        instance = server.start(listset, self.ctx)
+        try:
+            pid = instance.proc.pid
+            res["startup"] = instance.startup
+            res["rss_load"] = rss_mb(pid)
+            log(f"{kind}: answering after {instance.startup:.2f}s, RSS {res['rss_load']:.1f} MB")
+            self.sanity.append(server.check_answers(instance, listset))
+            # A short warm-up so every server has touched its code paths before it is measured.
+            self.dnsperf(instance, listset.query_file, min(1.0, self.args.duration))
+            res.update(self.blocked(label, instance, listset))
+            if listset.key == "shipped":
+                res.update(self.paced_blocked(label, instance, listset))
+                res.update(self.hits(label, instance, self.queries.hit))
+                res.update(self.misses(label, instance, self.queries))
+            res["rss_end"] = rss_mb(pid)
+            self.notes += server.notes_after_runs(instance, listset)
+        finally:
+            self.procs.stop(instance.proc)
+        return res
+
+    def compare(self, toggle: Toggle, listset: ListSet) -> None:
+        """Blocked qps of the toggle's on and off configurations, fresh instances back to back."""
+        figures: dict[bool, list[PerfResult]] = {}
+        for on in (True, False, True, False) if not self.args.quick else (True, False):
+            instance = (toggle.on if on else toggle.off).start(listset, self.ctx)
+            try:
+                self.dnsperf(instance, listset.query_file, min(1.0, self.args.duration))
+                self.quiet.wait(instance.proc.pid)
+                result = self.dnsperf(instance, listset.query_file, self.args.duration)
+            finally:
+                self.procs.stop(instance.proc)
+            figures.setdefault(on, []).append(result)
+            log(
+                f"{toggle.kind} {toggle.what} {'on' if on else 'off'}: {result.qps:,.0f} qps, "
+                f"{result.cpu_us:.1f} us CPU/query"
+            )
+        self.runs[f"{toggle.kind}-{toggle.slug}-on/{listset.key}"] = {"blocked": figures[True]}
+        self.runs[f"{toggle.kind}-{toggle.slug}-off/{listset.key}"] = {"blocked": figures[False]}
+        self.extra += toggle_section(toggle, listset, figures)
+
+    def profile(self, listset: ListSet, py_spy: str) -> None:
+        """py-spy on one blockd instance: a blocked-answer run, then a cache-hit run."""
+        assert self.queries is not None
+        instance = self.servers["blockd"].start(listset, self.ctx)
+        try:
+            for slug, title, query_file, warm_runs in (
+                ("blocked", "blocked-answer run", listset.query_file, None),
+                ("hit", "cache-hit run", self.queries.hit, 3),
+            ):
+                self.dnsperf(instance, query_file, min(1.0, self.args.duration), max_runs=warm_runs)
+                self.quiet.wait(instance.proc.pid)
+                self.extra += self.profile_run(instance, listset, slug, title, query_file, py_spy)
+        finally:
+            self.procs.stop(instance.proc)
+
+    def profile_run(
+        self, instance: Instance, listset: ListSet, slug: str, title: str, query_file: Path, py_spy: str
+    ) -> list[str]:
+        """One dnsperf run under `py-spy record`; the profile's report section."""
+        raw = self.tmp / f"profile-{slug}.txt"
+        spy = self.procs.start(
+            "py-spy",
+            [py_spy, "record", "--pid", str(instance.proc.pid), "--rate", "200", "--function",
+             "--format", "raw", "--output", str(raw), "--duration", f"{math.ceil(self.args.duration)}"],
+            self.tmp / f"py-spy-{slug}.log",
+        )  # fmt: skip
+        time.sleep(0.3)
+        result = self.dnsperf(instance, query_file, self.args.duration)
+        spy.popen.wait(self.args.duration + 60)
+        self.procs.stop(spy)
+        if not raw.exists():
+            return ["", f"(py-spy produced no profile of the {title}: {spy.log_tail(5)})"]
+        copy = BENCH / "out" / f"profile-{slug}-{self.args.stamp}.txt"
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copyfile(raw, copy)
+        return profile_tables(raw, f"{title} ({listset.label}, metrics + log on)", result, copy, self.args)
+
+    # -- the whole run -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        args = self.args
+        sets = self.prepare()
+        assert self.queries is not None
+        self.upstream = start_upstream(self.ctx)
+        direct = self.dnsperf(self.upstream, self.queries.misses[-1], min(2.0, args.duration), max_runs=1)
+        self.notes.append(
+            f"fake upstream alone (unbound, CPU {CLIENT_CPU} shared with dnsperf): {direct.qps:,.0f} qps of unique "
+            "names, so it is not what limits the cache-miss figures"
+        )
+        for kind in args.servers:
+            for listset in sets.values():
+                self.results.setdefault(kind, {})[listset.key] = self.run_server(kind, listset)
+        for option, toggle in TOGGLES.items():
+            if getattr(args, option) and toggle.kind in args.servers:
+                self.compare(toggle, sets["shipped"])
+        if args.profile and "blockd" in args.servers:
+            py_spy = ensure_py_spy(allow_install=not args.no_install)
+            if py_spy:
+                self.profile(sets["shipped"], py_spy)
