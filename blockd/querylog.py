@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import json
+import operator
 import os
 import secrets
 import sys
@@ -73,9 +75,9 @@ def line_tail(
     )
 
 
-# What the hot path queues: (time, client, tail) for a repeat whose tail is known, or
-# (time, client, group, name, qtype, verdict, rcode, denied) for the writer to turn into one.
-Entry = tuple[Any, ...]
+# What the hot path queues: (time, client, tail), the tail being line_tail()'s text when the
+# caller kept it (a repeat), or the fields to make it from: (group, name, qtype, verdict, rcode, denied).
+Entry = tuple[int, str, Any]  # time in ns since the epoch
 
 
 def client_ip_formatter(mode: str) -> Callable[[str], str]:
@@ -104,7 +106,7 @@ class QueryLog:
         on_error: Callable[[], None] = lambda: None,
         on_drop: Callable[[], None] = lambda: None,
         on_line: Callable[[int], None] = lambda count: None,
-        wall_clock: Callable[[], float] = time.time,
+        clock_ns: Callable[[], int] = time.time_ns,
     ):
         self.mode = mode
         self.path = path
@@ -112,14 +114,14 @@ class QueryLog:
         self.on_error = on_error
         self.on_drop = on_drop
         self.on_line = on_line
-        self.wall_clock = wall_clock
+        self.clock_ns = clock_ns  # wall clock: the log says when, in UTC
         self.logs_blocked = mode != "none"
         self.logs_allowed = mode == "all"
         self.queue: deque[Entry] = deque()
         self._reopen = False
         self._stop = threading.Event()
         self._error_reported = False
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._thread: threading.Thread | None = None
         self._formatter = _LineFormatter(self.format_client)
 
@@ -135,7 +137,7 @@ class QueryLog:
         if len(queue) >= QUEUE_LIMIT:
             self.on_drop()
             return
-        queue.append((self.wall_clock(), client, group, query.key, query.qtype, verdict, rcode, denied))
+        queue.append((self.clock_ns(), client, (group, query.key, query.qtype, verdict, rcode, denied)))
 
     def repeated(self, client: str, tail: str) -> None:
         """A repeated blocked query whose line tail (line_tail()) the caller kept."""
@@ -143,7 +145,7 @@ class QueryLog:
         if len(queue) >= QUEUE_LIMIT:
             self.on_drop()
             return
-        queue.append((self.wall_clock(), client, tail))
+        queue.append((self.clock_ns(), client, tail))
 
     # -- writer thread ----------------------------------------------------------------------
 
@@ -184,14 +186,14 @@ class QueryLog:
         entries = [queue.popleft() for _ in range(len(queue))]
         if not entries:
             return
-        lines = self._formatter.lines(entries)
+        text = self._formatter.text(entries)
         try:
             handle = self._open()
-            handle.write("\n".join(lines) + "\n")
+            handle.write(text)
             handle.flush()
         except OSError as exc:
             self.on_error()
-            for _ in lines:
+            for _ in entries:
                 self.on_drop()
             if not self._error_reported:
                 self._error_reported = True
@@ -201,19 +203,19 @@ class QueryLog:
         if self._error_reported:
             self._error_reported = False
             _log.info("query log {path}: writing again", path=self.path)
-        self.on_line(len(lines))
+        self.on_line(len(entries))
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> IO[bytes]:
         if self._file is None:
             if self.path == "-":
-                self._file = sys.stdout
+                self._file = sys.stdout.buffer
             else:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-                self._file = os.fdopen(fd, "a", encoding="utf-8")
+                self._file = os.fdopen(fd, "ab")
         return self._file
 
     def _close(self) -> None:
-        if self._file is not None and self._file is not sys.stdout:
+        if self._file is not None and self._file is not sys.stdout.buffer:
             try:
                 self._file.close()
             except OSError:
@@ -221,40 +223,81 @@ class QueryLog:
         self._file = None
 
 
-class _LineFormatter:
-    """Turns queued entries into JSON lines (writer thread), reusing what repeats."""
+class _Heads(dict[int, bytes]):
+    """Millisecond -> the line up to the client: strftime once a second, the text once a millisecond."""
 
-    def __init__(self, format_client: Callable[[str], str]):
-        self.format_client = format_client
-        self._clients: dict[str, str] = {}
+    def __init__(self) -> None:
+        super().__init__()
         self._second = -1
         self._second_text = ""
-        self._milli = -1
-        self._head = ""
 
-    def lines(self, entries: list[Entry]) -> list[str]:
-        lines = []
-        clients = self._clients
-        for entry in entries:
-            milli = int(entry[0] * 1000)
-            if milli != self._milli:  # the timestamp text once per millisecond, not once a line
-                self._stamp(milli)
-            client = clients.get(entry[1]) or self._client(entry[1])
-            tail = entry[2] if len(entry) == 3 else line_tail(*entry[2:])
-            lines.append(f"{self._head}{client},{tail}")
-        return lines
-
-    def _stamp(self, milli: int) -> None:
-        self._milli = milli
+    def __missing__(self, milli: int) -> bytes:
+        if len(self) > _TEXT_MEMO_LIMIT:
+            self.clear()
         second, fraction = divmod(milli, 1000)
-        if second != self._second:  # strftime once a second
+        if second != self._second:
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        self._head = f'{{"ts":"{self._second_text}.{fraction:03d}Z","client":'
+        head = self[milli] = f'{{"ts":"{self._second_text}.{fraction:03d}Z","client":'.encode()
+        return head
 
-    def _client(self, ip: str) -> str:
-        """The client as JSON text (formatted for privacy), remembered per address."""
-        if len(self._clients) > 65536:
-            self._clients.clear()
-        shown = self._clients[ip] = _json_string(self.format_client(ip))
-        return shown
+
+class _Clients(dict[str, bytes]):
+    """Client address -> its JSON text (formatted for privacy) and the comma after it."""
+
+    def __init__(self, format_client: Callable[[str], str]):
+        super().__init__()
+        self.format_client = format_client
+
+    def __missing__(self, client: str) -> bytes:
+        if len(self) > _TEXT_MEMO_LIMIT:
+            self.clear()
+        text = self[client] = (_json_string(self.format_client(client)) + ",").encode()
+        return text
+
+
+class _Tails(dict[Any, bytes]):
+    """A line's tail (line_tail()'s text, or the fields to make it from) -> its bytes and newline."""
+
+    def __missing__(self, tail: Any) -> bytes:
+        if len(self) > _TEXT_MEMO_LIMIT:
+            self.clear()
+        text = self[tail] = ((tail if isinstance(tail, str) else line_tail(*tail)) + "\n").encode()
+        return text
+
+
+_TEXT_MEMO_LIMIT = 100_000
+_CHUNK = 1000  # lines formatted per GIL-holding C call: ~0.5 ms
+_NS_PER_MS = 1_000_000
+_time = operator.itemgetter(0)
+_client = operator.itemgetter(1)
+_tail = operator.itemgetter(2)
+
+
+class _LineFormatter:
+    """Turns queued entries into JSON lines (writer thread).
+
+    Lines repeat: the same clients ask the same names, many lines fall in one millisecond.  So
+    a line is three memo lookups, run through map() and joined once, and no Python code runs
+    per line unless a part is new (~0.6 us a line instead of ~1.5 us for a formatting loop).
+    """
+
+    def __init__(self, format_client: Callable[[str], str]):
+        self._heads = _Heads()
+        self._clients = _Clients(format_client)
+        self._tails = _Tails()
+
+    def text(self, entries: list[Entry]) -> bytes:
+        """Every entry as one JSON line, each ending in a newline."""
+        # In chunks: one join holds the GIL throughout, and the reactor must not wait long.
+        return b"".join(self._chunk(entries[at : at + _CHUNK]) for at in range(0, len(entries), _CHUNK))
+
+    def _chunk(self, entries: list[Entry]) -> bytes:
+        millis = map(operator.floordiv, map(_time, entries), itertools.repeat(_NS_PER_MS))
+        heads = map(self._heads.__getitem__, millis)
+        clients = map(self._clients.__getitem__, map(_client, entries))
+        tails = map(self._tails.__getitem__, map(_tail, entries))
+        return b"".join(itertools.chain.from_iterable(zip(heads, clients, tails)))
+
+    def lines(self, entries: list[Entry]) -> list[str]:
+        return self.text(entries).decode().splitlines()

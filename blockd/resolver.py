@@ -175,6 +175,7 @@ class Resolver:
         self.repeats = repeats
         self.forward_ecs = forward_ecs
         self.in_flight = InFlight()
+        self._log_blocked = observer.logs_blocked  # read once: the repeat path checks it per query
 
     def handle(self, data: bytes, client: str, transport: str) -> bytes | defer.Deferred[bytes | None] | None:
         """Answer one query: bytes now, a Deferred for forwarded queries, None to drop."""
@@ -206,7 +207,7 @@ class Resolver:
         """The remembered answer for a repeated query, or None when it no longer holds."""
         if isinstance(repeat, BlockedRepeat):
             repeat.counters[transport == "tcp"][0] += 1  # queries, type, blocked and rcode in one add
-            if self.observer.logs_blocked:
+            if self._log_blocked:
                 self.observer.repeated(client, repeat.log_tail)
             self.watcher.question_blocked(repeat.name, repeat.verdict)
             return data[:2] + repeat.answer_tail

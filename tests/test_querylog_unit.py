@@ -71,7 +71,7 @@ def make_log(path: Path | str = "-", mode: str = "all", client_ip: str = "full",
         on_error=counters.error,
         on_drop=counters.drop,
         on_line=counters.lines.append,
-        wall_clock=lambda: NOW,
+        clock_ns=lambda: round(NOW * 1000) * 1_000_000,
     )
     return log, counters
 
@@ -173,7 +173,7 @@ def test_unknown_qtype_and_rcode_are_logged_as_numbers() -> None:
     ],
 )
 def test_timestamp_is_iso_8601_utc_with_milliseconds(now: float, expected: str) -> None:
-    log = QueryLog("all", "-", wall_clock=lambda: now)
+    log = QueryLog("all", "-", clock_ns=lambda: round(now * 1000) * 1_000_000)
     log.answered("192.0.2.1", GOV, query(), None, 0)
     stamp = records(log)[0]["ts"]
     assert stamp == expected
