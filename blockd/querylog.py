@@ -297,7 +297,7 @@ class _LineFormatter:
         heads = map(self._heads.__getitem__, millis)
         clients = map(self._clients.__getitem__, map(_client, entries))
         tails = map(self._tails.__getitem__, map(_tail, entries))
-        return b"".join(itertools.chain.from_iterable(zip(heads, clients, tails)))
+        return b"".join(itertools.chain.from_iterable(zip(heads, clients, tails, strict=True)))
 
     def lines(self, entries: list[Entry]) -> list[str]:
         return self.text(entries).decode().splitlines()

@@ -105,24 +105,67 @@ def _svcb(data: bytes, start: int, end: int, names: list[str], hints: list[IPAdd
             hints.extend(ipaddress.IPv6Address(value[i : i + 16]) for i in range(0, len(value) - 15, 16))
 
 
+class _Walk:
+    """What one walk over an answer's records collects."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.addresses: list[IPAddress] = []
+        self.hints: list[IPAddress] = []
+        self.ttl_fields: list[tuple[int, int]] = []
+        self.negative_ttl: int | None = None
+
+    def answer_record(self, data: bytes, owner: list[bytes], rtype: int, rdata: int, end: int) -> None:
+        """An answer-section record: its owner, CNAME/DNAME/SVCB targets and addresses."""
+        self.names.append(key_from_wire_labels(owner))
+        if rtype in (TYPE_CNAME, TYPE_DNAME):
+            self.names.append(key_from_wire_labels(read_name(data, rdata)[0]))
+        elif rtype == TYPE_A and end - rdata == 4:
+            self.addresses.append(ipaddress.IPv4Address(data[rdata:end]))
+        elif rtype == TYPE_AAAA and end - rdata == 16:
+            self.addresses.append(ipaddress.IPv6Address(data[rdata:end]))
+        elif rtype in (TYPE_HTTPS, TYPE_SVCB):
+            _svcb(data, rdata, end, self.names, self.hints)
+
+    def authority_soa(self, data: bytes, ttl: int, rdata: int, end: int) -> None:
+        """The SOA of a negative answer: caching time min(TTL, MINIMUM) (RFC 2308 section 5)."""
+        _mname, at = read_name(data, rdata)
+        _rname, at = read_name(data, at)
+        if at + 20 > end:
+            raise MalformedAnswer("SOA truncated")
+        minimum = struct.unpack_from("!I", data, at + 16)[0]
+        self.negative_ttl = min(ttl, minimum)
+
+    def lifetime(self, flags: int, ancount: int) -> int | None:
+        """How long the answer may be cached; None when it must not be (truncated, an error)."""
+        rcode = flags & 0x0F
+        if flags & FLAG_TC:
+            return None
+        if rcode == RCODE_NOERROR and ancount:
+            return min(ttl for _, ttl in self.ttl_fields) if self.ttl_fields else None
+        if rcode in (RCODE_NOERROR, RCODE_NXDOMAIN):
+            return self.negative_ttl
+        return None
+
+
+def _skip_questions(data: bytes, count: int) -> int:
+    pos = 12
+    for _ in range(count):
+        _labels, pos = read_name(data, pos)
+        pos += 4
+        if pos > len(data):
+            raise MalformedAnswer("question truncated")
+    return pos
+
+
 def analyze(answer: bytes) -> AnswerInfo:
     """Everything blockd needs from an upstream answer.  Raises MalformedAnswer."""
     answer = bytes(answer)
     if len(answer) < 12:
         raise MalformedAnswer("shorter than a header")
     _id, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(answer)
-    rcode = flags & 0x0F
-    pos = 12
-    for _ in range(qdcount):
-        _labels, pos = read_name(answer, pos)
-        pos += 4
-        if pos > len(answer):
-            raise MalformedAnswer("question truncated")
-    names: list[str] = []
-    addresses: list[IPAddress] = []
-    hints: list[IPAddress] = []
-    ttl_fields: list[tuple[int, int]] = []
-    negative_ttl: int | None = None
+    pos = _skip_questions(answer, qdcount)
+    walk = _Walk()
     size = len(answer)
     for section, count in ((1, ancount), (2, nscount), (3, arcount)):
         for _ in range(count):
@@ -137,29 +180,17 @@ def analyze(answer: bytes) -> AnswerInfo:
             if end > size:
                 raise MalformedAnswer("rdata truncated")
             if rtype != TYPE_OPT:
-                ttl_fields.append((pos + 4, ttl))
+                walk.ttl_fields.append((pos + 4, ttl))
             if section == 1:
-                names.append(key_from_wire_labels(owner))
-                if rtype in (TYPE_CNAME, TYPE_DNAME):
-                    names.append(key_from_wire_labels(read_name(answer, rdata)[0]))
-                elif rtype == TYPE_A and rdlength == 4:
-                    addresses.append(ipaddress.IPv4Address(answer[rdata:end]))
-                elif rtype == TYPE_AAAA and rdlength == 16:
-                    addresses.append(ipaddress.IPv6Address(answer[rdata:end]))
-                elif rtype in (TYPE_HTTPS, TYPE_SVCB):
-                    _svcb(answer, rdata, end, names, hints)
+                walk.answer_record(answer, owner, rtype, rdata, end)
             elif section == 2 and rtype == TYPE_SOA:
-                _mname, at = read_name(answer, rdata)
-                _rname, at = read_name(answer, at)
-                if at + 20 > end:
-                    raise MalformedAnswer("SOA truncated")
-                minimum = struct.unpack_from("!I", answer, at + 16)[0]
-                negative_ttl = min(ttl, minimum)
+                walk.authority_soa(answer, ttl, rdata, end)
             pos = end
-    lifetime: int | None = None
-    if not flags & FLAG_TC:
-        if rcode == RCODE_NOERROR and ancount:
-            lifetime = min(ttl for _, ttl in ttl_fields) if ttl_fields else None
-        elif rcode in (RCODE_NOERROR, RCODE_NXDOMAIN) and negative_ttl is not None:
-            lifetime = negative_ttl
-    return AnswerInfo(rcode, tuple(dict.fromkeys(names)), tuple(addresses), tuple(hints), tuple(ttl_fields), lifetime)
+    return AnswerInfo(
+        flags & 0x0F,
+        tuple(dict.fromkeys(walk.names)),
+        tuple(walk.addresses),
+        tuple(walk.hints),
+        tuple(walk.ttl_fields),
+        walk.lifetime(flags, ancount),
+    )
