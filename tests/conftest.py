@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,24 @@ from tests.fakeupstream import FakeUpstream
 
 # Network-namespace fixtures (make_ns, topology) for the egress and netlink tests.
 pytest_plugins = ["tests.netns"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run the soak tests marked slow (CI=true does too)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a soak test of a minute or more; runs with --slow or CI=true")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The default run stays fast for a developer; CI (which sets CI=true) runs everything.
+    if config.getoption("--slow") or os.environ.get("CI", "").lower() == "true":
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --slow (CI=true runs it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

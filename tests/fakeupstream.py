@@ -5,7 +5,7 @@ Tests point blockd at it so no query ever leaves the machine.  It answers from `
 behaviours keyed on the query name's first label:
   tc.*      UDP answer with TC set and no records; TCP gets the full answer
   big.*     a ~3 kB TXT answer (for client-size truncation)
-  forged.*  first a datagram with the wrong ID, then the real answer
+  forged.*  first a datagram with the wrong ID and address FORGED_A, then the real answer
   silent.*  never answered
 
 Run as a script (`python -m tests.fakeupstream --port P --records FILE`), it serves the same
@@ -24,6 +24,7 @@ from dnslib import AAAA, QTYPE, RR, TXT, A, DNSRecord
 
 DEFAULT_A = "192.0.2.1"
 DEFAULT_AAAA = "2001:db8::1"
+FORGED_A = "203.0.113.66"
 
 
 class FakeUpstream:
@@ -116,8 +117,12 @@ class FakeUpstream:
                 continue
             packed = reply.pack()
             if str(request.q.qname).lower().startswith("forged."):
-                forged = struct.pack("!H", (request.header.id + 1) % 65536) + packed[2:]
-                self.udp.sendto(forged, peer)
+                # A spoofer's guess at the ID, with an address of its own: accepting it would
+                # answer FORGED_A instead of the real one.
+                forged = request.reply()
+                forged.header.id = (request.header.id + 1) % 65536
+                forged.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(FORGED_A), ttl=300))
+                self.udp.sendto(forged.pack(), peer)
                 time.sleep(0.05)
             self.udp.sendto(packed, peer)
 

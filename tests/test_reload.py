@@ -219,6 +219,7 @@ class LoadGenerator:
             thread.join()
 
 
+@pytest.mark.slow
 def test_twenty_reloads_of_a_million_names_under_load(reloadable, test_lists, tmp_path) -> None:
     version_a, version_b = tmp_path / "bulk-a.txt", tmp_path / "bulk-b.txt"
     write_bulk(version_a, "a", BULK)
