@@ -403,3 +403,35 @@ def test_filtered_queries_never_count_as_drops(monkeypatch: pytest.MonkeyPatch) 
     assert counters.drops == 0
     log.answered("192.0.2.1", GOV, query(), SINKHOLED, 0)
     assert counters.drops == 1
+
+
+def test_the_writer_thread_keeps_order_and_loses_nothing_on_stop(tmp_path: Path) -> None:
+    """Repeats (kept tails) and full entries interleave; stop() writes all that is queued, in order."""
+    path = tmp_path / "queries.jsonl"
+    log, counters = make_log(path, mode="blocked")
+    log.start()
+    tail = querylog.line_tail(GOV, "kept.tiktok.com", 1, SINKHOLED, 0)
+    for index in range(5000):
+        if index % 2:
+            log.repeated(f"192.0.2.{index % 200}", tail)
+        else:
+            log.answered(f"192.0.2.{index % 200}", GOV, query(f"n{index}.tiktok.com"), SINKHOLED, 0)
+    log.stop()
+    lines = read_lines(path)
+    assert len(lines) == 5000 and sum(counters.lines) == 5000
+    assert [line["client"] for line in lines] == [f"192.0.2.{index % 200}" for index in range(5000)]
+    assert [line["qname"] for line in lines[:3]] == ["n0.tiktok.com", "kept.tiktok.com", "n2.tiktok.com"]
+
+
+def test_lines_queued_across_a_reopen_all_reach_the_new_file(tmp_path: Path) -> None:
+    path = tmp_path / "queries.jsonl"
+    log, _ = make_log(path)
+    log.answered("192.0.2.1", GOV, query("a.tiktok.com"), SINKHOLED, 0)
+    log.flush()
+    path.rename(tmp_path / "queries.jsonl.1")
+    log.answered("192.0.2.1", GOV, query("b.tiktok.com"), SINKHOLED, 0)
+    log.reopen()
+    log.answered("192.0.2.1", GOV, query("c.tiktok.com"), SINKHOLED, 0)
+    log.flush()
+    assert [line["qname"] for line in read_lines(path)] == ["b.tiktok.com", "c.tiktok.com"]
+    release(log)
