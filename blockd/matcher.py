@@ -8,7 +8,7 @@ group's mask selects: a few dict probes per query, independent of list size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import islice
 from typing import NamedTuple
 
@@ -48,7 +48,7 @@ class DomainIndex:
                 masks[domain] = get(domain, 0) | bit
         self._masks = masks
 
-    def mask_for(self, list_names: Sequence[str]) -> int:
+    def mask_for(self, list_names: Iterable[str]) -> int:
         mask = 0
         for name in list_names:
             mask |= self.bit_of[name]

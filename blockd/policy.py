@@ -22,6 +22,7 @@ import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from blockd.classify import ClientClassifier
 from blockd.config import BLOCKING_ACTIONS, Config
@@ -247,8 +248,10 @@ def dismantle(old: Policy, serving: Policy) -> None:
     this once no query can still hold `old` (see Daemon._retire).
     """
     shared = {id(lst.domains) for lst in serving.lists.values()}
-    containers: list[dict | set] = [old.index._masks]
-    containers += [lst.domains for lst in old.lists.values() if id(lst.domains) not in shared]  # type: ignore[misc]
+    containers: list[dict[str, int] | set[str]] = [old.index._masks]
+    # DomainList.domains is typed read-only for its readers; load_list builds a set, and this is
+    # the one place that empties it, once nothing reads it.
+    containers += [cast(set[str], lst.domains) for lst in old.lists.values() if id(lst.domains) not in shared]
     for container in containers:
         pop = container.popitem if isinstance(container, dict) else container.pop
         while container:

@@ -60,20 +60,25 @@ def parse_query_slow(data: bytes) -> SlowQuery:
     query.raw = data
     query.id = query_id
     query.flags = flags
-    query.key = key_from_wire_labels(list(question.qname.label))
-    query.qtype = question.qtype
-    query.qclass = question.qclass
+    labels: list[bytes] = list(question.qname.label)
+    qtype: int = question.qtype
+    qclass: int = question.qclass
+    query.key = key_from_wire_labels(labels)
+    query.qtype = qtype
+    query.qclass = qclass
     query.question = bytes(buffer.data)
     opts = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
     if len(opts) > 1:
         raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, "more than one OPT record (RFC 6891 6.1.1)")
     if opts:
         opt = opts[0]
+        udp_size: int = opt.rclass
+        extended: int = opt.ttl  # extended RCODE, version, DO bit and Z (RFC 6891 6.1.3)
         query.edns = True
-        query.udp_size = opt.rclass
-        query.dnssec_ok = bool(opt.ttl & 0x8000)
+        query.udp_size = udp_size
+        query.dnssec_ok = bool(extended & 0x8000)
         query.options = _opt_options(data, query_id, flags)
-        if (opt.ttl >> 16) & 0xFF != 0:
+        if (extended >> 16) & 0xFF != 0:
             raise BadVersion(query)
     return query
 
@@ -86,14 +91,16 @@ def _opt_options(data: bytes, query_id: int, flags: int) -> list[tuple[int, byte
     would disagree.  Only called once DNSRecord.parse has accepted data.
     """
     buffer = DNSBuffer(data)
-    _id, _flags, qdcount, ancount, nscount, arcount = buffer.unpack("!HHHHHH")
+    counts: tuple[int, int, int, int, int, int] = buffer.unpack("!HHHHHH")
+    _id, _flags, qdcount, ancount, nscount, arcount = counts
     for _ in range(qdcount):
         buffer.decode_name()
         buffer.get(4)
     for index in range(ancount + nscount + arcount):
         buffer.decode_name()
-        rtype, _rclass, _ttl, rdlength = buffer.unpack("!HHIH")
-        start = buffer.offset
+        fixed: tuple[int, int, int, int] = buffer.unpack("!HHIH")
+        rtype, _rclass, _ttl, rdlength = fixed
+        start: int = buffer.offset
         buffer.get(rdlength)
         if rtype != QTYPE.OPT or index < ancount + nscount:
             continue
@@ -109,9 +116,10 @@ def badvers_response(query: Query) -> bytes:
     buffer_question = query.question
     opt = EDNS0(udp_len=wire.SERVER_UDP_PAYLOAD, ext_rcode=RCODE_BADVERS >> 4, flags="do" if query.dnssec_ok else "")
     reply.add_ar(opt)
-    packed = reply.pack()
+    packed: bytearray = reply.pack()  # dnslib packs into a bytearray
+    bitmap: int = reply.header.bitmap
     # Splice the question in as asked (dnslib would re-encode it).
-    header = struct.pack("!HHHHHH", query.id, reply.header.bitmap, 1, 0, 0, 1)
+    header = struct.pack("!HHHHHH", query.id, bitmap, 1, 0, 0, 1)
     return header + buffer_question + packed[12:]
 
 
@@ -134,7 +142,7 @@ def blocked_response_slow(
     rcode = {"refused": wire.RCODE_REFUSED, "nxdomain": wire.RCODE_NXDOMAIN}.get(action, wire.RCODE_NOERROR)
     reply = DNSRecord(_header(query, rcode), q=record.q)
     qname = record.q.qname
-    qclass = record.q.qclass
+    qclass: int = record.q.qclass
     if action == "refused":
         pass
     elif action == "sinkhole" and query.qtype == QTYPE.A and qclass == wire.CLASS_IN:

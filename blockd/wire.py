@@ -182,7 +182,7 @@ def _question_labels(data: bytes, query_id: int, flags: int) -> tuple[list[bytes
     """The question name's labels and the offset after it; None for a pointer or label type."""
     size = len(data)
     pos = 12
-    labels = []
+    labels: list[bytes] = []
     while True:
         if pos >= size:
             raise HeaderOnlyError(query_id, flags, RCODE_FORMERR, "question name runs past the end")
