@@ -11,11 +11,13 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.web import resource, server
+from twisted.internet.interfaces import IListeningPort
+from twisted.web import http, resource, server
 
 from blockd.config import Endpoint
-from blockd.services import StartupError
+from blockd.services import StartupError, TCPListenReactor
 
 
 class HealthResource(resource.Resource):
@@ -33,17 +35,26 @@ class HealthResource(resource.Resource):
         return b"starting\n"
 
 
+class QuietSite(server.Site):
+    """A Site without an access log: scrapes every few seconds would flood it."""
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        return None
+
+
 class AdminService(service.Service):
-    def __init__(self, reactor: object, endpoint: Endpoint, registry: CollectorRegistry, ready: Callable[[], bool]):
+    def __init__(
+        self, reactor: TCPListenReactor, endpoint: Endpoint, registry: CollectorRegistry, ready: Callable[[], bool]
+    ):
         self.reactor = reactor
         self.endpoint = endpoint
         root = resource.Resource()
         root.putChild(b"metrics", MetricsResource(registry))
         root.putChild(b"healthz", HealthResource(ready))
-        self.site = server.Site(root)
-        self.site.noisy = False
-        self.site.log = lambda request: None  # scrapes every few seconds would flood the log
-        self.port: object | None = None
+        self.site = QuietSite(root)
+        self.port: IListeningPort | None = None
 
     def startService(self) -> None:  # noqa: N802 (Twisted API)
         super().startService()
@@ -52,7 +63,7 @@ class AdminService(service.Service):
         except CannotListenError as exc:
             raise StartupError(f"metrics.listen: cannot listen on {self.endpoint}: {exc.socketError}") from None
 
-    def stopService(self) -> object:  # noqa: N802 (Twisted API)
+    def stopService(self) -> defer.Deferred[None] | None:  # noqa: N802 (Twisted API)
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from blockd import __version__
@@ -87,7 +88,7 @@ def reload_command(pidfile: Path | None, config_path: Path | None, timeout: floa
         print(f"blockd reload: cannot read pid from {pidfile}: {exc}", file=sys.stderr)
         return 1
     status_path = status_path_for(pidfile)
-    before = _read_status(status_path).get("signals", 0)
+    before = _read_status(status_path).signals
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as exc:
@@ -96,11 +97,11 @@ def reload_command(pidfile: Path | None, config_path: Path | None, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = _read_status(status_path)
-        if status.get("pid") == pid and status.get("covered", 0) >= before + 1:
-            if status.get("result") == "success":
+        if status.pid == pid and status.covered >= before + 1:
+            if status.result == "success":
                 print(f"blockd reload: pid {pid} reloaded")
                 return 0
-            for line in status.get("errors", []):
+            for line in status.errors:
                 print(line, file=sys.stderr)
             print(f"blockd reload: pid {pid} refused the reload and keeps serving the previous policy", file=sys.stderr)
             return 1
@@ -109,11 +110,34 @@ def reload_command(pidfile: Path | None, config_path: Path | None, timeout: floa
     return 1
 
 
-def _read_status(path: Path) -> dict[str, object]:
+@dataclass(frozen=True)
+class ReloadStatus:
+    """The daemon's reload status file (blockd.reload.ReloadState.as_json); a missing or mistyped
+    value reads as its default."""
+
+    pid: int | None = None
+    signals: int = 0
+    covered: int = 0
+    result: str | None = None
+    errors: tuple[str, ...] = ()
+
+
+def _read_status(path: Path) -> ReloadStatus:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        return ReloadStatus()
+    if not isinstance(data, dict):
+        return ReloadStatus()
+    pid, signals, covered = (data.get(key) for key in ("pid", "signals", "covered"))
+    result, errors = data.get("result"), data.get("errors")
+    return ReloadStatus(
+        pid=pid if isinstance(pid, int) else None,
+        signals=signals if isinstance(signals, int) else 0,
+        covered=covered if isinstance(covered, int) else 0,
+        result=result if isinstance(result, str) else None,
+        errors=tuple(line for line in errors if isinstance(line, str)) if isinstance(errors, list) else (),
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
 from blockd import wire
@@ -277,7 +278,7 @@ class Daemon:
         if self.egress is not None:
             self.egress.request_reconcile()  # a blocking group's sources may have changed
 
-    def _resolve_for_learning(self, key: str, qtype: int) -> defer.Deferred[tuple[Iterable[IPAddress], float]]:
+    def _resolve_for_learning(self, key: str, qtype: int) -> defer.Deferred[tuple[Iterable[IPAddress | str], float]]:
         """Ask the upstreams directly: no policy (the name is blocked) and no cache (it holds no sinkhole)."""
         message, question = wire.lookup_message(key, qtype, secrets.randbits(16))
         return self.upstreams.resolve(message, question).addCallback(_learnable)
@@ -426,7 +427,10 @@ def run(path: Path | None) -> int:
         return 1
     # The handler runs on the main (reactor) thread between bytecodes; callFromThread defers the
     # work to the next loop iteration instead of running it inside whatever was interrupted.
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(daemon.sighup))
+    # twisted.internet.reactor is typed with the common interfaces only; ReactorBase also provides
+    # IReactorThreads (where threads exist, which reloads need anyway).
+    threaded = cast(IReactorThreads, reactor)
+    signal.signal(signal.SIGHUP, lambda signum, frame: threaded.callFromThread(daemon.sighup))
     # Reloads build the new policy in a worker thread that holds the GIL for seconds; with the
     # default 5 ms switch interval each answer waits up to 5 ms twice (after epoll, after
     # sendto).  0.5 ms keeps answers flowing during a reload and costs nothing otherwise.

@@ -43,7 +43,7 @@ QUEUE_LIMIT = 200_000
 FLUSH_INTERVAL = 0.2
 
 
-_json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_json_string = json.encoder.encode_basestring_ascii
 
 
 def _json_or_null(value: str | None) -> str:
@@ -58,6 +58,9 @@ def line_tail(
     Assembled by hand with the C string encoder (json.dumps of a dict costs several times
     more); the same for every repetition of a blocked query, so the resolver keeps it.
     """
+    list_name: str | None
+    domain: str | None
+    via: str | None
     if verdict is not None:
         action, list_name, domain, via = verdict.action, verdict.list_name, verdict.domain, verdict.via
     else:

@@ -9,10 +9,12 @@ still being answered.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
@@ -23,6 +25,26 @@ _log = Logger()
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
+class StreamTransport(Protocol):
+    """A TCP connection's transport as DNSStreamProtocol uses it: ITCPTransport and IPushProducer
+    (tcp.Server; a StringTransport in tests)."""
+
+    @property
+    def connected(self) -> int: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...  # noqa: N802 (Twisted API)
+
+    def abortConnection(self) -> None: ...  # noqa: N802 (Twisted API)
+
+    def getPeer(self) -> IPv4Address | IPv6Address: ...  # noqa: N802 (Twisted API)
+
+    def pauseProducing(self) -> None: ...  # noqa: N802 (Twisted API)
+
+    def resumeProducing(self) -> None: ...  # noqa: N802 (Twisted API)
+
+
 class DNSDatagramProtocol(protocol.DatagramProtocol):
     noisy = False
 
@@ -30,14 +52,18 @@ class DNSDatagramProtocol(protocol.DatagramProtocol):
         self.resolver = resolver
 
     def startProtocol(self) -> None:  # noqa: N802 (Twisted API)
-        sock = getattr(self.transport, "socket", None)
+        transport = self.transport
+        assert transport is not None  # makeConnection sets it first
+        sock = getattr(transport, "socket", None)
         # Answers go straight to the socket: Port.write re-validates the address on every
         # datagram, which costs more than building a blocked answer.
-        self._sendto = sock.sendto if sock is not None else self.transport.write
+        self._sendto: Callable[[bytes, tuple[Any, ...]], object] = sock.sendto if sock is not None else transport.write
         # A deep receive queue absorbs bursts instead of dropping them in the kernel.
+        if sock is None:
+            return
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
-        except (AttributeError, OSError):
+        except OSError:
             pass
 
     def datagramReceived(self, data: bytes, addr: tuple[Any, ...]) -> None:  # noqa: N802 (Twisted API)
@@ -76,12 +102,21 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.paused = False
         self.client = ""
 
+    @property
+    def _stream(self) -> StreamTransport:
+        """The transport, once connected, as the TCP connection it is (ITransport declares too little)."""
+        assert self.transport is not None, "not connected"
+        return cast(StreamTransport, self.transport)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:  # noqa: N802 (Twisted API)
+        """TimeoutMixin's timer, on the factory's clock (injectable for tests)."""
+        return self.factory.clock.callLater(period, func)
+
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
-        self.callLater = self.factory.clock.callLater  # TimeoutMixin's timer, injectable for tests
-        self.client = self.transport.getPeer().host
+        self.client = self._stream.getPeer().host
         self.factory.connections += 1
         if self.factory.connections > self.factory.max_connections:
-            self.transport.abortConnection()
+            self._stream.abortConnection()
             return
         self.setTimeout(self.factory.idle_timeout)
 
@@ -95,7 +130,7 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
             self._answer(message)
         if self.pending >= self.max_pending and not self.paused:
             self.paused = True
-            self.transport.pauseProducing()
+            self._stream.pauseProducing()
 
     def _answer(self, message: bytes) -> None:
         try:
@@ -117,12 +152,14 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.pending -= 1
         if self.paused and self.pending < self.max_pending:
             self.paused = False
-            self.transport.resumeProducing()
+            self._stream.resumeProducing()
         self.resetTimeout()
 
     def _write(self, answer: bytes | None) -> None:
-        if answer is not None and self.transport is not None and self.transport.connected:
-            self.transport.write(frame(answer))
+        if answer is not None and self.transport is not None:
+            transport = cast(StreamTransport, self.transport)
+            if transport.connected:
+                transport.write(frame(answer))
 
     def timeoutConnection(self) -> None:  # noqa: N802 (Twisted API)
         if self.pending:
@@ -130,7 +167,7 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
             # dropped its timer when this runs, so re-arm it (resetTimeout would be a no-op).
             self.setTimeout(self.factory.idle_timeout)
             return
-        self.transport.loseConnection()
+        self._stream.loseConnection()
 
 
 class DNSStreamFactory(protocol.ServerFactory):
@@ -140,7 +177,7 @@ class DNSStreamFactory(protocol.ServerFactory):
         self, resolver: Resolver, idle_timeout: float, max_connections: int, clock: IReactorTime | None = None
     ):
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+            from twisted.internet import reactor as clock
         self.clock = clock
         self.resolver = resolver
         self.idle_timeout = idle_timeout

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol, ServerFactory
 from twisted.logger import Logger
 
 from blockd.config import Endpoint
@@ -28,6 +30,39 @@ class StartupError(Exception):
     pass
 
 
+class TCPListenReactor(Protocol):
+    """The reactor as the admin listener uses it: IReactorTCP.listenTCP."""
+
+    def listenTCP(  # noqa: N802 (Twisted API)
+        self, port: int, factory: ServerFactory[Any], backlog: int = 50, interface: str = ""
+    ) -> IListeningPort: ...
+
+
+class ListenReactor(TCPListenReactor, Protocol):
+    """The reactor as the DNS listeners use it: IReactorTCP.listenTCP and IReactorUDP.listenUDP."""
+
+    def listenUDP(  # noqa: N802 (Twisted API)
+        self,
+        port: int,
+        protocol: DatagramProtocol,
+        interface: str,
+        maxPacketSize: int,  # noqa: N803 (Twisted API)
+    ) -> IListeningPort: ...
+
+
+class ListeningSocket(Protocol):
+    """A listening port as the reactor makes it (udp.Port, tcp.Port: FileDescriptors).
+
+    IListeningPort does not declare startReading and stopReading.
+    """
+
+    def startReading(self) -> None: ...  # noqa: N802 (Twisted API)
+
+    def stopReading(self) -> None: ...  # noqa: N802 (Twisted API)
+
+    def stopListening(self) -> defer.Deferred[None] | None: ...  # noqa: N802 (Twisted API)
+
+
 class DNSService(service.Service):
     """UDP and TCP listeners on every configured address.
 
@@ -39,7 +74,7 @@ class DNSService(service.Service):
 
     def __init__(
         self,
-        reactor: object,
+        reactor: ListenReactor,
         endpoints: tuple[Endpoint, ...],
         factory: DNSStreamFactory,
         resolver: Resolver,
@@ -50,19 +85,19 @@ class DNSService(service.Service):
         self.factory = factory
         self.resolver = resolver
         self.gate = gate
-        self.ports: list[Any] = []
+        self.ports: list[ListeningSocket] = []
         self.opened: defer.Deferred[None] = defer.Deferred()
 
     def startService(self) -> None:  # noqa: N802 (Twisted API)
         super().startService()
         for endpoint in self.endpoints:
             try:
-                self.ports.append(
-                    self.reactor.listenUDP(
-                        endpoint.port, DNSDatagramProtocol(self.resolver), interface=endpoint.host, maxPacketSize=65535
-                    )
+                udp = self.reactor.listenUDP(
+                    endpoint.port, DNSDatagramProtocol(self.resolver), interface=endpoint.host, maxPacketSize=65535
                 )
-                self.ports.append(self.reactor.listenTCP(endpoint.port, self.factory, interface=endpoint.host))
+                self.ports.append(cast(ListeningSocket, udp))
+                tcp = self.reactor.listenTCP(endpoint.port, self.factory, interface=endpoint.host)
+                self.ports.append(cast(ListeningSocket, tcp))
             except CannotListenError as exc:
                 raise StartupError(f"server.listen: cannot listen on {endpoint}: {exc.socketError}") from None
             _log.info("listening for DNS on {endpoint} (UDP and TCP)", endpoint=str(endpoint))
@@ -81,10 +116,13 @@ class DNSService(service.Service):
             self.opened.callback(None)
         return result
 
-    def stopService(self) -> defer.Deferred[object]:  # noqa: N802 (Twisted API)
+    def stopService(self) -> defer.Deferred[list[None]]:  # noqa: N802 (Twisted API)
         super().stopService()
         ports, self.ports = self.ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        # maybeDeferred makes a Deferred of None from either result of stopListening (a Deferred of
+        # None, or None); its overloads type that as a Deferred of the union.
+        stopping = [cast("defer.Deferred[None]", defer.maybeDeferred(p.stopListening)) for p in ports]
+        return defer.gatherResults(stopping)
 
 
 class PidFile(service.Service):

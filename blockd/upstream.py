@@ -14,10 +14,11 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, Protocol, cast
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IReactorFDSet, IReactorTCP, IReactorTime, IReadDescriptor
+from twisted.internet.interfaces import IConnector, IDelayedCall, IReadDescriptor, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,6 +29,27 @@ from blockd.wire import FLAG_QR, FLAG_TC
 MAX_UDP_ANSWER = 65535
 
 _log = Logger()
+
+
+class UpstreamReactor(Protocol):
+    """What Upstreams uses of the reactor: IReactorFDSet, IReactorTCP and IReactorTime, in part."""
+
+    def addReader(self, reader: IReadDescriptor) -> None: ...  # noqa: N802 (Twisted API)
+
+    def removeReader(self, reader: IReadDescriptor) -> None: ...  # noqa: N802 (Twisted API)
+
+    def connectTCP(  # noqa: N802 (Twisted API)
+        self,
+        host: str,
+        port: int,
+        factory: protocol.ClientFactory,
+        timeout: float = 30.0,
+        bindAddress: tuple[str, int] | None = None,  # noqa: N803 (Twisted API)
+    ) -> IConnector: ...
+
+    def callLater(  # noqa: N802 (Twisted API)
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
 
 
 class UpstreamError(Exception):
@@ -112,12 +134,14 @@ class _TCPAttempt(protocol.Protocol):
         self.frames = FrameReader()
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        assert self.transport is not None  # makeConnection sets it first
         self.transport.write(frame(self.message))
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
         for answer in self.frames.feed(data):
             if answer_matches(answer, self.query_id, self.question) and not self.deferred.called:
                 self.deferred.callback(answer)
+                assert self.transport is not None  # data arrives only on a connection
                 self.transport.loseConnection()
                 return
 
@@ -145,7 +169,7 @@ class Upstreams:
 
     def __init__(
         self,
-        reactor: IReactorFDSet | IReactorTCP | IReactorTime,
+        reactor: UpstreamReactor,
         servers: Sequence[Endpoint],
         timeout: float,
         record: Callable[[str, str, float | None], None] = lambda upstream, result, seconds: None,
@@ -159,7 +183,7 @@ class Upstreams:
         self.in_flight = 0
 
     @defer.inlineCallbacks
-    def resolve(self, message: bytes, question: bytes) -> defer.Deferred[bytes]:  # type: ignore[misc]
+    def resolve(self, message: bytes, question: bytes) -> Generator[defer.Deferred[bytes], bytes, bytes]:
         """Forward a query (its ID is replaced); the answer carries the upstream's ID.
 
         Raises UpstreamError when every upstream failed or blockd is at its in-flight limit.
@@ -214,7 +238,8 @@ class Upstreams:
 
         def close() -> None:
             if attempt.transport is not None:
-                attempt.transport.abortConnection()
+                # connectTCP's transport is a tcp.Client: an ITCPTransport.
+                cast(ITCPTransport, attempt.transport).abortConnection()
             else:
                 connector.stopConnecting()
 
