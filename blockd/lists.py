@@ -58,9 +58,14 @@ class LineError:
 class DomainList:
     name: str
     path: str
-    domains: AbstractSet[str]  # a set built once and never changed (a frozenset copy would cost a second)
+    domains: AbstractSet[str]  # subtree entries: a set built once and never changed (a frozenset copy costs)
     # (device, inode, size, mtime_ns, ctime_ns) when read: an unchanged file is not parsed again on reload.
     signature: tuple[int, ...] | None = None
+    exact: AbstractSet[str] = frozenset()  # entries for the name only (match = "exact", RPZ "name")
+    below: AbstractSet[str] = frozenset()  # entries for names strictly below (RPZ "*.name")
+
+    def __len__(self) -> int:
+        return len(self.domains) + len(self.exact) + len(self.below)
 
 
 class ListLoadError(Exception):

@@ -1,9 +1,17 @@
-"""Suffix matching of query names against many lists at once.
+"""Matching query names against many lists at once: subtree, exact and below-only entries.
 
-One dict maps every listed key to a bitmask of the lists that contain it, so a million names
-across several lists and groups are stored once.  A lookup walks the name's ancestors
-("a.tiktok.com", "tiktok.com", "com") and stops at the most specific listed one that a
-group's mask selects: a few dict probes per query, independent of list size.
+An entry is one of three kinds:
+  subtree  the name and every name below it (the plain list formats: "tiktok.com", "||x^", "*.x")
+  exact    the name only (RPZ "name", and lists with match = "exact", e.g. hosts files)
+  below    only names strictly below it (RPZ "*.name", stored under "name")
+One dict per kind maps every entry to a bitmask of the lists holding it, so a million names
+across several lists and groups are stored once.  A lookup probes the query name (exact and
+subtree) and then each ancestor (subtree and below): a few dict probes per query, independent
+of list size, and the dicts a configuration does not use are never probed.
+
+Which entry wins, as the RPZ specification orders policy zones: the first list in the group's
+order that matches at all; within that list the most specific entry (so an exact entry beats a
+wildcard above it).
 """
 
 from __future__ import annotations
@@ -14,39 +22,55 @@ from typing import NamedTuple
 
 from blockd.lists import DomainList
 
+SUBTREE = "subtree"
+EXACT = "exact"
+BELOW = "below"
+
 
 class Match(NamedTuple):  # a tuple: created on every blocked query, so it must be cheap
     list_name: str
-    domain: str  # the listed name that matched (an ancestor of, or equal to, the query name)
+    domain: str  # the entry that matched: the listed name (an ancestor of, or equal to, the query name)
+    kind: str = SUBTREE  # SUBTREE, EXACT or BELOW
+
+    @property
+    def trigger(self) -> str:
+        """The entry as written in a zone: "*.name" for a below-only entry."""
+        return f"*.{self.domain}" if self.kind == BELOW else self.domain
+
+
+def _masks(lists: Sequence[DomainList], names_of: str) -> dict[str, int]:
+    """name -> bitmask of the lists whose `names_of` attribute holds it."""
+    sizes = [len(getattr(lst, names_of)) for lst in lists]
+    masks: dict[str, int] = {}
+    if not any(sizes):
+        return masks
+    # Start from the largest list in C-level calls (a million names in ~0.1 s instead of ~0.5 s),
+    # in chunks: one call over a million names would hold the GIL (and stall the reactor during
+    # a reload) for over 100 ms.  Then merge the others name by name.
+    largest = max(range(len(lists)), key=sizes.__getitem__)
+    names = iter(getattr(lists[largest], names_of))
+    bit = 1 << largest
+    while chunk := dict.fromkeys(islice(names, 20_000), bit):
+        masks.update(chunk)
+    get = masks.get
+    for index, lst in enumerate(lists):
+        if index == largest:
+            continue
+        bit = 1 << index
+        for domain in getattr(lst, names_of):
+            masks[domain] = get(domain, 0) | bit
+    return masks
 
 
 class DomainIndex:
-    """Every list's names, indexed for ancestor lookups."""
+    """Every list's entries, indexed for lookups by name and ancestors."""
 
     def __init__(self, lists: Sequence[DomainList]):
         self.list_names: list[str] = [lst.name for lst in lists]
-        self.bit_of: dict[str, int] = {}
-        for index, lst in enumerate(lists):
-            self.bit_of[lst.name] = 1 << index
-        # Start from the largest list in one C-level call (a million names in ~0.1 s instead
-        # of ~0.5 s), then merge the others name by name.
-        largest = max(range(len(lists)), key=lambda i: len(lists[i].domains), default=None)
-        masks: dict[str, int] = {}
-        if largest is not None:
-            # In chunks: one C call over a million names would hold the GIL (and stall the
-            # reactor during a reload) for over 100 ms.
-            names = iter(lists[largest].domains)
-            bit = 1 << largest
-            while chunk := dict.fromkeys(islice(names, 20_000), bit):
-                masks.update(chunk)
-        get = masks.get
-        for index, lst in enumerate(lists):
-            if index == largest:
-                continue
-            bit = 1 << index
-            for domain in lst.domains:
-                masks[domain] = get(domain, 0) | bit
-        self._masks = masks
+        self.bit_of: dict[str, int] = {lst.name: 1 << index for index, lst in enumerate(lists)}
+        self._masks = _masks(lists, "domains")
+        self._exact = _masks(lists, "exact")
+        self._below = _masks(lists, "below")
 
     def mask_for(self, list_names: Iterable[str]) -> int:
         mask = 0
@@ -55,27 +79,49 @@ class DomainIndex:
         return mask
 
     def lookup(self, key: str, mask: int, order: Sequence[int]) -> Match | None:
-        """Most specific listed ancestor of key among the lists in mask.
+        """The entry that decides for key among the lists in mask, or None.
 
-        order: the list indices in the group's priority order, used to name one list when
-        several of the group's lists contain the same name.
+        order: the list indices in the group's priority order.
         """
-        masks = self._masks
+        hits = self._hits(key, mask)
+        if not hits:
+            return None
+        if len(hits) == 1:  # the common case: one entry of one list
+            name, kind, found = hits[0]
+            for index in order:
+                if found >> index & 1:
+                    return Match(self.list_names[index], name, kind)
+            return None
+        for index in order:
+            for name, kind, found in hits:  # most specific first
+                if found >> index & 1:
+                    return Match(self.list_names[index], name, kind)
+        return None
+
+    def _hits(self, key: str, mask: int) -> list[tuple[str, str, int]]:
+        """(entry, kind, lists of mask holding it) for key and its ancestors, most specific first."""
+        hits = []
+        subtree, exact, below = self._masks, self._exact, self._below
+        if exact:
+            found = exact.get(key, 0) & mask
+            if found:
+                hits.append((key, EXACT, found))
         name = key
         while True:
-            found = masks.get(name)
-            if found is not None and found & mask:
-                hit = found & mask
-                for index in order:
-                    if hit >> index & 1:
-                        return Match(self.list_names[index], name)
+            found = subtree.get(name, 0) & mask
+            if found:
+                hits.append((name, SUBTREE, found))
             dot = name.find(".")
             if dot < 0:
-                return None
+                return hits
             name = name[dot + 1 :]
+            if below:
+                found = below.get(name, 0) & mask
+                if found:
+                    hits.append((name, BELOW, found))
 
     def __len__(self) -> int:
-        return len(self._masks)
+        return len(self._masks) + len(self._exact) + len(self._below)
 
 
 class SuffixSet:

@@ -85,15 +85,41 @@ def test_most_specific_listed_ancestor_wins(index: DomainIndex) -> None:
     assert index.lookup("www.bytedance.com", mask, order) == Match("bytedance", "bytedance.com")
 
 
-def test_most_specific_match_across_lists() -> None:
+def test_first_list_in_the_groups_order_wins_across_lists() -> None:
+    """As among RPZ policy zones: list order first, specificity only within a list."""
     parent = dl("parent", "example.com")
     child = dl("child", "ads.example.com")
     index = DomainIndex([parent, child])
     mask = index.mask_for(["parent", "child"])
-    # The child list names the more specific entry: it wins whatever the priority order.
+    assert index.lookup("x.ads.example.com", mask, [1, 0]) == Match("child", "ads.example.com")
+    assert index.lookup("x.ads.example.com", mask, [0, 1]) == Match("parent", "example.com")
     for order in ([0, 1], [1, 0]):
-        assert index.lookup("x.ads.example.com", mask, order) == Match("child", "ads.example.com")
         assert index.lookup("www.example.com", mask, order) == Match("parent", "example.com")
+
+
+def test_exact_and_below_entries() -> None:
+    rpz = DomainList("rpz", "rpz.zone", frozenset(), exact=frozenset({"tiktok.com", "a.b.example"}),
+                     below=frozenset({"tiktok.com", "example"}))  # fmt: skip
+    index = DomainIndex([rpz])
+    mask, order = index.mask_for(["rpz"]), [0]
+    assert index.lookup("tiktok.com", mask, order) == Match("rpz", "tiktok.com", "exact")
+    assert index.lookup("www.tiktok.com", mask, order) == Match("rpz", "tiktok.com", "below")
+    assert index.lookup("www.tiktok.com", mask, order).trigger == "*.tiktok.com"  # type: ignore[union-attr]
+    # Within a list the most specific entry wins: the exact name beats the wildcard above it.
+    assert index.lookup("a.b.example", mask, order) == Match("rpz", "a.b.example", "exact")
+    assert index.lookup("x.a.b.example", mask, order) == Match("rpz", "example", "below")
+    assert index.lookup("example", mask, order) is None  # "*.example" does not cover example itself
+    assert index.lookup("nottiktok.com", mask, order) is None
+
+
+def test_an_exact_entry_does_not_cover_subdomains() -> None:
+    hosts = DomainList("hosts", "hosts.txt", frozenset(), exact=frozenset({"ads.example.com"}))
+    plain = dl("plain", "example.org")
+    index = DomainIndex([hosts, plain])
+    mask = index.mask_for(["hosts", "plain"])
+    assert index.lookup("ads.example.com", mask, [0, 1]) == Match("hosts", "ads.example.com", "exact")
+    assert index.lookup("x.ads.example.com", mask, [0, 1]) is None
+    assert index.lookup("www.example.org", mask, [0, 1]) == Match("plain", "example.org")
 
 
 def test_mask_selects_only_the_groups_lists(index: DomainIndex) -> None:
@@ -186,11 +212,11 @@ NAMES = st.lists(LABELS, min_size=1, max_size=6).map(".".join)
 
 
 def brute_force(key: str, lists: list[set[str]], selected: list[int]) -> tuple[str, str] | None:
-    """The most specific ancestor listed on a selected list, named by the first selected list."""
+    """The first selected list holding an ancestor, and its most specific such ancestor."""
     labels = key.split(".")
-    for start in range(len(labels)):
-        name = ".".join(labels[start:])
-        for index in selected:
+    for index in selected:
+        for start in range(len(labels)):
+            name = ".".join(labels[start:])
             if name in lists[index]:
                 return f"l{index}", name
     return None
