@@ -20,6 +20,11 @@ from blockd.names import InvalidNameError, normalize
 from blockd.prefix_table import IPNetwork
 
 ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused", "monitor")
+# A list may also keep an RPZ zone's own actions (the default for RPZ lists).
+LIST_ACTIONS = (*ACTIONS, "zone")
+LIST_FORMATS = ("list", "rpz")
+LIST_MATCHES = ("subtree", "exact")
+LIST_KEYS = ("path", "action", "allow_shrink", "format", "match", "zone", "primaries", "tsig")
 BLOCKING_ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused")
 QUERY_LOG_MODES = ("none", "blocked", "all")
 # Built-in lists (escape hatches to encrypted DNS); config lists may not take these names.
@@ -88,6 +93,7 @@ class ServerConfig:
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 1000
     trusted_forwarders: tuple[IPNetwork, ...] = ()
+    state_dir: Path = Path("/var/lib/blockd")  # last good copies of transferred zones
 
 
 @dataclass(frozen=True)
@@ -119,9 +125,21 @@ class LogConfig:
 @dataclass(frozen=True)
 class ListConfig:
     name: str
-    path: Path
-    action: str | None = None
+    path: Path | None  # a file; None for a zone transferred from primaries
+    action: str | None = None  # None: the group's; "zone" (RPZ only, its default): each trigger's own
     allow_shrink: bool = False
+    format: str | None = None  # list (plain, hosts and adblock lines) | rpz; None: detected when loaded
+    match: str = "subtree"  # for "list" files: subtree | exact (a hosts file names single hosts)
+    zone: str | None = None  # RPZ by zone transfer: the zone name (key form)
+    primaries: tuple[Endpoint, ...] = ()
+    tsig: Path | None = None  # a BIND key file
+
+    @property
+    def is_rpz(self) -> bool | None:
+        """Whether the list is an RPZ zone; None until a file of undeclared format is read."""
+        if self.zone is not None or self.format == "rpz":
+            return True
+        return False if self.format == "list" else None
 
 
 @dataclass(frozen=True)
@@ -359,7 +377,9 @@ class _Parser:
 
     def server(self, data: dict[str, Any]) -> ServerConfig:
         key = "server"
-        names = ("listen", "allow", "pidfile", "tcp_idle_timeout", "tcp_max_connections", "trusted_forwarders")
+        names = (
+            "listen", "allow", "pidfile", "tcp_idle_timeout", "tcp_max_connections", "trusted_forwarders", "state_dir",
+        )  # fmt: skip
         table = self.table(data, key, names)
         defaults = ServerConfig()
         listen = defaults.listen
@@ -380,6 +400,9 @@ class _Parser:
                 table, key, "tcp_max_connections", defaults.tcp_max_connections, 1, 100000, integer=True
             ),
             trusted_forwarders=self.networks(table, key, "trusted_forwarders") or (),
+            state_dir=self.path(state_dir)
+            if (state_dir := self.string(table, key, "state_dir", None))
+            else defaults.state_dir,
         )
 
     def upstream(self, data: dict[str, Any], resolv_conf: Path) -> UpstreamConfig:
@@ -472,20 +495,67 @@ class _Parser:
             if name in BUILTIN_LISTS:
                 self.error(key, f"{name!r} is the name of a built-in list; choose another")
                 continue
-            table = self.known_keys(value, key, ("path", "action", "allow_shrink"))
-            if "path" not in table:
-                self.error(f"{key}.path", "missing (the list file to load)")
-                continue
-            path = self.string(table, key, "path", None)
-            if path is None:
-                continue
-            result[name] = ListConfig(
-                name=name,
-                path=self.path(path),
-                action=self.string(table, key, "action", None, ACTIONS),
-                allow_shrink=self.boolean(table, key, "allow_shrink", False),
-            )
+            table = self.known_keys(value, key, LIST_KEYS)
+            list_config = self.list_source(name, key, table)
+            if list_config is not None:
+                result[name] = list_config
         return result
+
+    def list_source(self, name: str, key: str, table: dict[str, Any]) -> ListConfig | None:
+        """One [lists.X] table: a file (any format) or a zone from primaries."""
+        if ("path" in table) == ("zone" in table):
+            self.error(f"{key}.path", "set exactly one of path (a list file) or zone (an RPZ zone from primaries)")
+            return None
+        path = self.string(table, key, "path", None)
+        zone_name = self.string(table, key, "zone", None)
+        if path is None and zone_name is None:
+            return None
+        zone = self.zone_name(f"{key}.zone", zone_name) if zone_name is not None else None
+        if path is None and zone is None:
+            return None
+        list_format = self.string(table, key, "format", None, LIST_FORMATS)
+        config = ListConfig(
+            name=name,
+            path=self.path(path) if path is not None else None,
+            action=self.string(table, key, "action", None, LIST_ACTIONS),
+            allow_shrink=self.boolean(table, key, "allow_shrink", False),
+            format=list_format,
+            match=self.string(table, key, "match", "subtree", LIST_MATCHES),
+            zone=zone,
+            primaries=self.primaries(table, key) if zone_name is not None else (),
+            tsig=self.path(tsig) if (tsig := self.string(table, key, "tsig", None)) else None,
+        )
+        self.check_list_keys(key, table, config)
+        return config
+
+    def check_list_keys(self, key: str, table: dict[str, Any], config: ListConfig) -> None:
+        if config.zone is None:
+            for name in ("primaries", "tsig"):
+                if name in table:
+                    self.error(f"{key}.{name}", "only for a list transferred from primaries (set zone)")
+        if config.is_rpz and "match" in table:
+            self.error(f"{key}.match", "RPZ triggers say exact (name) or below (*.name) themselves")
+        if config.action == "zone" and config.is_rpz is False:
+            self.error(f"{key}.action", "'zone' keeps an RPZ zone's own actions: only for RPZ lists")
+        if config.zone is not None and config.format == "list":
+            self.error(f"{key}.format", "a transferred zone is RPZ")
+
+    def zone_name(self, key: str, text: str) -> str | None:
+        if text.strip(".") == "":
+            self.error(key, f"{text!r} is not a zone name")
+            return None
+        try:
+            return normalize(text.rstrip("."))
+        except InvalidNameError as exc:
+            self.error(key, str(exc))
+            return None
+
+    def primaries(self, table: dict[str, Any], key: str) -> tuple[Endpoint, ...]:
+        items = self.string_list(table, key, "primaries")
+        if not items:
+            self.error(f"{key}.primaries", "missing (the primary servers to transfer the zone from)")
+            return ()
+        return tuple(e for e in (self.endpoint(k, v, 53) for k, v in items) if e is not None)
 
     def groups(self, data: dict[str, Any], lists: dict[str, ListConfig]) -> dict[str, GroupConfig]:
         groups_table = data.get("groups", {})

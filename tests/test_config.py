@@ -43,7 +43,7 @@ RESOLV = "<resolv.conf>"
 LOCAL_RESOLV = "nameserver 127.0.0.1\n"
 
 SECTIONS = "server, upstream, metrics, log, cache, lists, groups, egress"
-SERVER_KEYS = "listen, allow, pidfile, tcp_idle_timeout, tcp_max_connections, trusted_forwarders"
+SERVER_KEYS = "listen, allow, pidfile, tcp_idle_timeout, tcp_max_connections, trusted_forwarders, state_dir"
 EGRESS_KEYS = (
     "enabled, table, rule_priority, route_protocol, prefixes, learn, learn_min_ttl, learn_max, never, on_exit, "
     "reconcile_interval"
@@ -161,6 +161,8 @@ CASES = [
         Config(SOURCE, upstream=LOCAL_UPSTREAM, metrics=MetricsConfig(ep("127.0.0.1", 9553))),
     ),
     # -- unknown keys ----------------------------------------------------------------------------
+    ok("server-state-dir-relative", 'server.state_dir = "state"', "server.state_dir", BASE / "state"),
+    ok("server-state-dir-default", "", "server.state_dir", Path("/var/lib/blockd")),
     err("server-unknown-key", "server.port = 53", f"server.port: unknown key (known: {SERVER_KEYS})"),
     err(
         "upstream-unknown-key",
@@ -557,28 +559,88 @@ CASES = [
         "[lists.icloud-private-relay]",
         "lists.icloud-private-relay: 'icloud-private-relay' is the name of a built-in list; choose another",
     ),
-    err("list-missing-path", "lists.x = {}", "lists.x.path: missing (the list file to load)"),
+    err(
+        "list-missing-path",
+        "lists.x = {}",
+        "lists.x.path: set exactly one of path (a list file) or zone (an RPZ zone from primaries)",
+    ),
     err(
         "list-missing-path-with-action",
         'lists.x = {action = "nxdomain"}',
-        "lists.x.path: missing (the list file to load)",
+        "lists.x.path: set exactly one of path (a list file) or zone (an RPZ zone from primaries)",
     ),
     err("list-path-not-a-string", "lists.x = {path = ['x.txt']}", "lists.x.path: must be a string, not a list"),
+    ok("list-match-exact", 'lists.x = {path = "x.txt", match = "exact"}', "lists.x.match", "exact"),
+    ok("list-format-declared", 'lists.x = {path = "x.rpz", format = "rpz"}', "lists.x.format", "rpz"),
+    ok("list-format-detected-later", 'lists.x = {path = "x.txt"}', "lists.x.format", None),
+    ok(
+        "list-zone-name-normalised",
+        'lists.x = {zone = "RPZ.Gov.Example.", primaries = ["127.0.0.1"]}',
+        "lists.x.zone",
+        "rpz.gov.example",
+    ),
+    err(
+        "list-bad-match",
+        'lists.x = {path = "x.txt", match = "prefix"}',
+        "lists.x.match: 'prefix' is not one of subtree, exact",
+    ),
+    err(
+        "list-bad-format",
+        'lists.x = {path = "x.txt", format = "json"}',
+        "lists.x.format: 'json' is not one of list, rpz",
+    ),
+    err(
+        "list-path-and-zone",
+        'lists.x = {path = "x.txt", zone = "rpz.example", primaries = ["127.0.0.1"]}',
+        "lists.x.path: set exactly one of path (a list file) or zone (an RPZ zone from primaries)",
+    ),
+    err(
+        "list-zone-without-primaries",
+        'lists.x = {zone = "rpz.example"}',
+        "lists.x.primaries: missing (the primary servers to transfer the zone from)",
+    ),
+    err(
+        "list-primaries-without-zone",
+        'lists.x = {path = "x.txt", primaries = ["127.0.0.1"], tsig = "k.key"}',
+        "lists.x.primaries: only for a list transferred from primaries (set zone)",
+        "lists.x.tsig: only for a list transferred from primaries (set zone)",
+    ),
+    err(
+        "list-bad-primary",
+        'lists.x = {zone = "rpz.example", primaries = ["primary.example"]}',
+        "lists.x.primaries[0]: 'primary.example': 'primary.example' is not an IP address",
+    ),
+    err(
+        "list-match-on-rpz",
+        'lists.x = {path = "x.rpz", format = "rpz", match = "exact"}',
+        "lists.x.match: RPZ triggers say exact (name) or below (*.name) themselves",
+    ),
+    err(
+        "list-zone-action-on-plain-list",
+        'lists.x = {path = "x.txt", format = "list", action = "zone"}',
+        "lists.x.action: 'zone' keeps an RPZ zone's own actions: only for RPZ lists",
+    ),
+    err(
+        "list-transferred-zone-is-rpz",
+        'lists.x = {zone = "rpz.example", primaries = ["127.0.0.1"], format = "list"}',
+        "lists.x.format: a transferred zone is RPZ",
+    ),
+    err("list-zone-root", 'lists.x = {zone = ".", primaries = ["127.0.0.1"]}', "lists.x.zone: '.' is not a zone name"),
     err(
         "list-bad-action",
         'lists.x = {path = "x.txt", action = "block"}',
-        f"lists.x.action: 'block' is not one of {ACTIONS}",
+        f"lists.x.action: 'block' is not one of {ACTIONS}, zone",
     ),
     err(
         "list-unknown-key",
         'lists.x = {path = "x.txt", url = "https://x"}',
-        "lists.x.url: unknown key (known: path, action, allow_shrink)",
+        "lists.x.url: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig)",
     ),
     err(
         "list-unknown-key-and-missing-path",
         'lists.x = {file = "x.txt"}',
-        "lists.x.file: unknown key (known: path, action, allow_shrink)",
-        "lists.x.path: missing (the list file to load)",
+        "lists.x.file: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig)",
+        "lists.x.path: set exactly one of path (a list file) or zone (an RPZ zone from primaries)",
     ),
     err(
         "list-allow-shrink-not-boolean",
