@@ -8,9 +8,10 @@ assembles one transfer's messages into its result; the connection is blockd.tran
   read_message      a byte-level reader of one response message: dnspython would build an
                     object per record (seconds for a big RPZ); this yields plain tuples
                     (owner key, type, class, TTL, RDATA) with every embedded name decompressed.
-  TsigVerifier      the TSIG chain of one transfer: the first and last message must be signed,
-                    at most 99 unsigned in a row between them (RFC 8945 5.3.1, as Knot checks);
-                    an unsigned message is covered by the next signed one's MAC.
+  TsigVerifier      the TSIG chain of one transfer: the first and last message must be signed;
+                    between them a client "MUST accept up to 99 intermediary messages without a
+                    TSIG" (RFC 8945 5.3.1; Knot checks the same, older NSD signs every 96th),
+                    each covered by the next signed message's MAC, so none goes unverified.
   TransferAssembler the messages of one transfer in order -> UpToDate, FullZone or Incremental,
                     or XfrError (Refused for rcodes that say "not this query", TsigError for
                     authentication failures).

@@ -342,7 +342,7 @@ def test_malformed_tsig_rdata() -> None:
         read_message(header(an=0, ar=1) + QUESTION + record)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_random_bytes_give_a_message_or_xfr_error(wire: bytes) -> None:
     try:
@@ -355,7 +355,7 @@ SIGNED_SAMPLE = sign_chain([response(AXFR)], KEY, b"\x01" * 32)[0]
 SAMPLES = [response(AXFR), SIGNED_SAMPLE, compressed_srv()]
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(
     st.sampled_from(SAMPLES),
     st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=6),
@@ -371,6 +371,47 @@ def test_fuzz_mutated_messages_give_a_message_or_xfr_error(
         read_message(bytes(wire[: len(wire) - cut % 40]))
     except XfrError:
         pass
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=4))
+def test_fuzz_mutated_signed_messages_fail_only_with_xfr_errors(changes: list[tuple[int, int]]) -> None:
+    wire = bytearray(SIGNED_SAMPLE)
+    for at, value in changes:
+        wire[at % len(wire)] = value
+    try:
+        assemble([bytes(wire)], key=KEY, request_mac=b"\x01" * 32)
+    except XfrError:
+        pass
+
+
+RECORD_CHOICES = [
+    soa(1),
+    soa(2),
+    soa(3),
+    rr(f"a.{ZONE}.", "CNAME", "."),
+    rr(f"b.{ZONE}.", "A", "192.0.2.1"),
+    rr("x.", "NS", "y."),
+]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(st.sampled_from(RECORD_CHOICES), max_size=12),
+    st.lists(st.integers(0, 4), max_size=4),
+    st.sampled_from([None, 1, 2, 3]),
+)
+def test_fuzz_any_record_sequence_gives_a_result_or_xfr_error(
+    records: list[tuple[str, int, str, str]], sizes: list[int], serial: int | None
+) -> None:
+    assembler = TransferAssembler(ZONE, serial, QID)
+    try:
+        for wire in split(records, sizes, qtype="AXFR" if serial is None else "IXFR"):
+            assembler.feed(read_message(wire))
+    except XfrError:
+        return
+    if assembler.result is not None:
+        assert isinstance(assembler.result, (FullZone, Incremental, UpToDate))
 
 
 LABEL = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
