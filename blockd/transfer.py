@@ -501,10 +501,11 @@ class SecondaryZone(service.Service):
         self.schedule.on_success(refresh, retry, expire, now, self.jitter())
         if not isinstance(result, UpToDate):
             _log.info(
-                "zone {zone} from {primary}: {kind} to serial {serial} (was {previous})",
+                "zone {zone} from {primary}: {kind}, {what} at serial {serial} (was {previous})",
                 zone=self.zone,
                 primary=str(primary),
-                kind=result_name(result),
+                kind=kind.upper(),
+                what="the full zone" if isinstance(result, FullZone) else "differences",
                 serial=self.serial,
                 previous="none" if previous is None else previous,
             )

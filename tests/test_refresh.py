@@ -257,6 +257,13 @@ def test_first_check_is_an_axfr_at_start() -> None:
     assert h.transfers.asked()[-1] == (P1, 7)
 
 
+def test_a_transfer_is_logged_with_zone_primary_and_serials(log_events: list[dict[str, Any]]) -> None:
+    h = Harness(serial=7)
+    h.start()
+    h.transfers.answer(INCR8)
+    assert "zone rpz.example from 192.0.2.1:53: IXFR, differences at serial 8 (was 7)" in zone_lines(log_events)
+
+
 def test_ixfr_when_a_serial_is_known() -> None:
     h = Harness(serial=7, copy_age=10.0, copy_timers=Timers(3600, 600, 86400))
     h.start()
