@@ -53,10 +53,10 @@ def check_command(path: Path | None) -> int:
         print(line, file=sys.stderr)
     if errors:
         return 1
-    total = sum(len(lst.domains) for lst in lists.values())
+    total = sum(len(lst) for lst in lists.values())
     print(f"{config.source}: OK: {len(config.groups)} groups, {len(lists)} lists, {total} domains")
     for lst in lists.values():
-        print(f"  list {lst.name}: {len(lst.domains)} domains from {lst.path}")
+        print(f"  list {lst.name}: {len(lst)} domains from {lst.path}")
     if config.egress.enabled:
         files = ", ".join(str(p) for p in config.egress.prefixes) or "no prefix files"
         print(f"  egress: {len(egress_prefixes)} prefixes from {files}")

@@ -41,6 +41,7 @@ from blockd.egress_service import EgressService, FollowUpLookups
 from blockd.interface_groups import InterfaceMap, InterfaceNetworks, InterfaceSelector, networks_of
 from blockd.metrics import CacheCollector, EgressCollector, EgressMetrics, ListSizeCollector, Metrics, NullMetrics
 from blockd.netlink_services import EgressAdapter, NetlinkServices, Runner, ThreadRunner, Watcher
+from blockd.notify import NotifyReceiver, NoZones
 from blockd.policy import Group, Policy, PolicyError, Verdict, build_policy
 from blockd.policy import dismantle as policy_dismantle
 from blockd.prefix_table import IPAddress
@@ -148,7 +149,7 @@ class Daemon:
         self.ready = False
         self.metrics: Metrics = Metrics() if config.metrics.listen is not None else NullMetrics()
         self.metrics.registry.register(
-            ListSizeCollector(lambda: {name: len(lst.domains) for name, lst in self.policy().lists.items()})
+            ListSizeCollector(lambda: {name: len(lst) for name, lst in self.policy().lists.items()})
         )
         self.upstreams = Upstreams(
             reactor, config.upstream.servers, config.upstream.timeout, record=self._record_upstream
@@ -180,6 +181,7 @@ class Daemon:
             self.clock,
             self._answer_watcher(),
             RepeatMemo(),
+            self._notify_receiver(),
             forward_ecs=config.upstream.forward_ecs,
         )
         self.stream_factory = DNSStreamFactory(
@@ -219,6 +221,9 @@ class Daemon:
             )
         self._declare_series(config, policy)
         self.metrics.last_reload_success.set(time.time())
+
+    def _notify_receiver(self) -> NotifyReceiver:
+        return NoZones()
 
     def _answer_watcher(self) -> AnswerWatcher:
         # Learning hooks only when they do something: otherwise the query path calls no-ops.
@@ -285,7 +290,8 @@ class Daemon:
 
     def _declare_series(self, config: Config, policy: Policy) -> None:
         self.metrics.declare(
-            ((g.name, g.list_actions.items()) for g in policy.groups.values()),
+            # An RPZ list's "zone" action is its triggers' own: those series appear when used.
+            ((g.name, [(n, a) for n, a in g.list_actions.items() if a != "zone"]) for g in policy.groups.values()),
             (str(s) for s in config.upstream.servers),
         )
 

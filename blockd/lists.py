@@ -20,8 +20,12 @@ from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockd.names import InvalidNameError, normalize
+
+if TYPE_CHECKING:  # blockd.rpz imports this module (LineError)
+    from blockd.rpz import PolicyZone
 
 # Names found in stock hosts files that must never become block entries.
 _HOSTS_BOILERPLATE = frozenset(
@@ -63,6 +67,8 @@ class DomainList:
     signature: tuple[int, ...] | None = None
     exact: AbstractSet[str] = frozenset()  # entries for the name only (match = "exact", RPZ "name")
     below: AbstractSet[str] = frozenset()  # entries for names strictly below (RPZ "*.name")
+    zone: PolicyZone | None = None  # an RPZ list's zone: each trigger's rule (blockd.rpz)
+    rpz: bool = False  # an RPZ list (its zone may not have arrived yet)
 
     def __len__(self) -> int:
         return len(self.domains) + len(self.exact) + len(self.below)

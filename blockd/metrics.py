@@ -66,9 +66,9 @@ QTYPE_LABELS = {
     65: "HTTPS",
     255: "ANY",
 }
-ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused", "monitor")
+ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused", "monitor", "passthru", "drop", "tcp-only", "local-data")
 UPSTREAM_RESULTS = ("success", "timeout", "refused", "error", "truncated", "mismatch")
-DROP_REASONS = ("short", "response", "overload", "send_error")
+DROP_REASONS = ("short", "response", "overload", "send_error", "policy")
 RECONCILE_RESULTS = ("success", "failure")
 EGRESS_OPERATIONS = ("add_rule", "del_rule", "add_route", "del_route")
 EGRESS_ROUTE_SOURCES = ("static", "learned", "never")

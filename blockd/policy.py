@@ -22,15 +22,18 @@ import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any
 
 from blockd.classify import ClientClassifier
 from blockd.config import BLOCKING_ACTIONS, Config
 from blockd.egress import PrefixLoadError, load_prefix_files
-from blockd.lists import DomainList, LineError, ListLoadError, load_list
-from blockd.matcher import DomainIndex, Match, SuffixSet
+from blockd.lists import DomainList, LineError, ListLoadError
+from blockd.matcher import EXACT, DomainIndex, Match, SuffixSet
 from blockd.prefix_table import IPAddress, IPNetwork, PrefixTable
 from blockd.upstream_answer import AnswerInfo
+
+if TYPE_CHECKING:
+    from blockd.rpz import PolicyZone, Rule
 
 NO_GROUP = "none"  # the metrics/log label for clients in no group
 _VERDICT_MEMO_LIMIT = 65536
@@ -57,7 +60,7 @@ class Group:
     order: tuple[int, ...]
     list_actions: Mapping[str, str]
     allow: SuffixSet
-    answer_prefixes: PrefixTable[str] | None  # address -> prefix-file name
+    answer_prefixes: PrefixTable[AnswerTrigger] | None  # answer address -> what lists it
 
     @property
     def blocks(self) -> bool:
@@ -68,18 +71,35 @@ class Group:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerTrigger:
+    """An answer-address prefix: a block_answer_prefixes file, or an RPZ rpz-ip trigger."""
+
+    source: str  # the prefix file's stem, or the RPZ list's name
+    rule: Rule | None = None  # an rpz-ip trigger's own rule
+
+
+# Actions that let the query through: counted and logged, then forwarded.
+LETS_THROUGH = frozenset({"monitor", "passthru"})
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """A listed name (or a blocked answer address) matched for a group."""
 
     group: Group
     list_name: str
-    domain: str  # the listed name that matched, or the answer address
-    action: str  # effective action: a blocking action, or "monitor"
+    domain: str  # the entry that matched ("*.name" for an RPZ wildcard), or the answer address
+    action: str  # effective action: sinkhole/nxdomain/nodata/refused, an RPZ action, or monitor
     via: str = "question"  # question | cname | address
+    rule: Rule | None = None  # for local-data: the records to answer with
 
     @property
     def blocks(self) -> bool:
-        return self.action != "monitor"
+        """Whether the answer is blockd's own (tcp-only blocks over UDP only: see blocks_on)."""
+        return self.action not in LETS_THROUGH
+
+    def blocks_on(self, transport: str) -> bool:
+        return self.action not in LETS_THROUGH and not (self.action == "tcp-only" and transport == "tcp")
 
     @property
     def ede_text(self) -> str:
@@ -118,16 +138,8 @@ class Policy:
                     if getattr(group_config, switch):
                         list_actions[builtin] = action
             for name in names:
-                override = config.lists[name].action
-                if group_config.action != "monitor" and override is not None:
-                    list_actions[name] = override
-                else:
-                    list_actions[name] = group_config.action
-            answer_prefixes = None
-            if group_config.block_answer_prefixes:
-                answer_prefixes = PrefixTable(
-                    (network, path.stem) for path in group_config.block_answer_prefixes for network in prefix_sets[path]
-                )
+                list_actions[name] = self._list_action(group_config.action, config.lists[name].action, name)
+            answer_prefixes = self._answer_prefixes(group_config.block_answer_prefixes, names, prefix_sets)
             self.groups[group_config.name] = Group(
                 name=group_config.name,
                 action=group_config.action,
@@ -146,6 +158,26 @@ class Policy:
         self.classifier: ClientClassifier[Group] = ClientClassifier(
             config.server.allow, config.server.trusted_forwarders, self._group_networks()
         )
+
+    def _list_action(self, group_action: str, list_action: str | None, name: str) -> str:
+        """What a list does for a group: a monitor group only monitors; else the list's own action
+        (for an RPZ list "zone" by default: each trigger's), else the group's."""
+        if group_action == "monitor":
+            return "monitor"
+        if list_action is not None:
+            return list_action
+        return "zone" if self.lists[name].rpz else group_action
+
+    def _answer_prefixes(
+        self, files: Iterable[Path], names: Iterable[str], prefix_sets: Mapping[Path, tuple[IPNetwork, ...]]
+    ) -> PrefixTable[AnswerTrigger] | None:
+        """The group's answer-address prefixes: its prefix files, then its RPZ lists' rpz-ip triggers."""
+        entries = [(network, AnswerTrigger(path.stem)) for path in files for network in prefix_sets[path]]
+        for name in names:
+            zone = self.lists[name].zone
+            if zone is not None:
+                entries += [(network, AnswerTrigger(name, rule)) for network, (_, rule) in zone.ip.items()]
+        return PrefixTable(entries) if entries else None
 
     def _group_networks(self) -> list[tuple[IPNetwork, Group]]:
         entries = [(network, self.groups[g.name]) for g in self.config.groups.values() for network in g.networks]
@@ -188,9 +220,21 @@ class Policy:
         if verdict is None:
             if len(self._verdicts) >= _VERDICT_MEMO_LIMIT:
                 self._verdicts.clear()
-            verdict = Verdict(group, match.list_name, match.domain, group.list_actions[match.list_name])
-            self._verdicts[memo_key] = verdict
+            verdict = self._verdicts[memo_key] = self._verdict(group, match)
         return verdict
+
+    def _verdict(self, group: Group, match: Match) -> Verdict:
+        action = group.list_actions[match.list_name]
+        rule = self._rule_of(match)
+        action = _effective_action(action, rule, group.action)
+        return Verdict(group, match.list_name, match.trigger, action, rule=rule if action == "local-data" else None)
+
+    def _rule_of(self, match: Match) -> Rule | None:
+        listed = self.lists.get(match.list_name)
+        zone = listed.zone if listed is not None else None
+        if zone is None:
+            return None
+        return (zone.exact if match.kind == EXACT else zone.below).get(match.domain)
 
     def check_answer(self, group: Group, info: AnswerInfo) -> Verdict | None:
         """A verdict when an upstream answer leads to a listed name or a blocked address.
@@ -210,9 +254,12 @@ class Policy:
         prefixes = group.answer_prefixes
         if prefixes is not None:
             for address in _chain(info.addresses, info.hint_addresses):
-                source = prefixes.lookup(address)
-                if source is not None and (self.never is None or self.never.lookup(address) is None):
-                    verdict = Verdict(group, source, str(address), group.action, "address")
+                trigger = prefixes.lookup(address)
+                if trigger is not None and (self.never is None or self.never.lookup(address) is None):
+                    list_action = group.list_actions.get(trigger.source, group.action)
+                    action = _effective_action(list_action, trigger.rule, group.action)
+                    rule = trigger.rule if action == "local-data" else None
+                    verdict = Verdict(group, trigger.source, str(address), action, "address", rule)
                     if verdict.blocks:
                         return verdict
                     monitored = monitored or verdict
@@ -235,6 +282,17 @@ class Policy:
         return self.never is not None and self.never.lookup(address) is not None
 
 
+def _effective_action(list_action: str, rule: Rule | None, group_action: str) -> str:
+    """The action of one entry: an RPZ passthru is an exception whatever the list's action; a
+    list that keeps its zone's actions ("zone") takes the trigger's; a prefix file's verdict
+    is the group's."""
+    if rule is not None and rule.action == "passthru":
+        return "passthru"
+    if list_action == "zone":
+        return rule.action if rule is not None else group_action
+    return list_action
+
+
 _DISMANTLE_CHUNK = 20_000
 
 
@@ -247,11 +305,9 @@ def dismantle(old: Policy, serving: Policy) -> None:
     serving snapshot still shares (lists whose file did not change) are left alone.  Only call
     this once no query can still hold `old` (see Daemon._retire).
     """
-    shared = {id(lst.domains) for lst in serving.lists.values()}
-    containers: list[dict[str, int] | set[str]] = [old.index._masks]
-    # DomainList.domains is typed read-only for its readers; load_list builds a set, and this is
-    # the one place that empties it, once nothing reads it.
-    containers += [cast(set[str], lst.domains) for lst in old.lists.values() if id(lst.domains) not in shared]
+    shared = {id(container) for lst in serving.lists.values() for container in _containers_of(lst)}
+    containers: list[Any] = [old.index._masks, old.index._exact, old.index._below]
+    containers += [c for lst in old.lists.values() for c in _containers_of(lst) if id(c) not in shared]
     for container in containers:
         pop = container.popitem if isinstance(container, dict) else container.pop
         while container:
@@ -259,24 +315,41 @@ def dismantle(old: Policy, serving: Policy) -> None:
                 pop()
 
 
+def _containers_of(listed: DomainList) -> list[Any]:
+    """The big containers of a list: its entry set and, for RPZ, its zone's trigger dicts.
+
+    DomainList's sets are typed read-only for their readers; the loaders build plain sets and
+    dicts, and dismantle() is the one place that empties them, once nothing reads them.
+    """
+    containers: list[Any] = [listed.domains] if isinstance(listed.domains, set) else []
+    if isinstance(listed.exact, set):
+        containers.append(listed.exact)
+    if listed.zone is not None:
+        containers += [listed.zone.exact, listed.zone.below]
+    return containers
+
+
 def _chain(*groups: Iterable[IPAddress]) -> Iterable[IPAddress]:
     for group in groups:
         yield from group
 
 
-def load_lists(config: Config, previous: Policy | None = None) -> tuple[dict[str, DomainList], list[str]]:
+def load_lists(
+    config: Config, previous: Policy | None = None, transferred: Mapping[str, PolicyZone] | None = None
+) -> tuple[dict[str, DomainList], list[str]]:
     """Load every configured list, returning the good ones and every error (file:line).
 
-    With previous (the serving policy), files that have not changed are not parsed again.
+    With previous (the serving policy), files that have not changed are not parsed again and
+    transferred zones keep their content; transferred: zones the daemon received since.
     """
+    from blockd.sources import load_source  # sources imports blockd.rpz, which imports blockd.lists
+
     lists: dict[str, DomainList] = {}
     errors: list[str] = []
     old_lists = previous.lists if previous is not None else {}
     for list_config in config.lists.values():
         try:
-            lists[list_config.name] = load_list(
-                list_config.name, list_config.path, previous=old_lists.get(list_config.name)
-            )
+            lists[list_config.name] = load_source(list_config, old_lists.get(list_config.name), transferred)
         except ListLoadError as exc:
             errors.extend(str(e) for e in exc.errors)
     return lists, errors
@@ -311,23 +384,25 @@ def shrink_errors(config: Config, lists: Mapping[str, DomainList], previous: Pol
     errors = []
     for name, new in lists.items():
         old = previous.lists.get(name)
-        if old is None or config.lists[name].allow_shrink or not old.domains:
+        if old is None or config.lists[name].allow_shrink or not len(old):
             continue
-        if len(new.domains) == 0 or len(new.domains) * 2 < len(old.domains):
+        if len(new) == 0 or len(new) * 2 < len(old):
             errors.append(
-                f"{new.path}: list {name!r} shrank from {len(old.domains)} to {len(new.domains)} entries; "
+                f"{new.path}: list {name!r} shrank from {len(old)} to {len(new)} entries; "
                 f"refusing it (set lists.{name}.allow_shrink = true if this is intended)"
             )
     return errors
 
 
-def build_policy(config: Config, previous: Policy | None = None) -> Policy:
+def build_policy(
+    config: Config, previous: Policy | None = None, transferred: Mapping[str, PolicyZone] | None = None
+) -> Policy:
     """Load lists and prefix files and compile the snapshot; PolicyError lists every problem.
 
     previous: the serving policy when reloading (enables the shrink guard and list reuse; the
-    interface networks it learned carry over).
+    interface networks it learned carry over).  transferred: RPZ zones received by transfer.
     """
-    lists, errors = load_lists(config, previous)
+    lists, errors = load_lists(config, previous, transferred)
     prefix_sets, prefix_errors = load_prefix_sets(config)
     errors.extend(prefix_errors)
     egress_prefixes, egress_errors = load_egress_prefixes(config)

@@ -74,8 +74,14 @@ def line_tail(
         f'"list":{_json_or_null(list_name)},'
         f'"domain":{_json_or_null(domain)},'
         f'"via":{_json_or_null(via)},'
-        f'"rcode":"{RCODE_NAMES.get(rcode) or rcode}"}}'
+        f'"rcode":{_rcode_text(rcode)}}}'
     )
+
+
+def _rcode_text(rcode: int) -> str:
+    if rcode < 0:
+        return "null"  # no answer was given (RPZ drop)
+    return f'"{RCODE_NAMES.get(rcode) or rcode}"'
 
 
 # What the hot path queues: (time, client, tail), the tail being line_tail()'s text when the

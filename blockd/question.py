@@ -25,8 +25,20 @@ class Unreadable:
     drop_reason: str = ""  # the blockd_dns_dropped_total reason when there is no answer
 
 
-def read_question(data: bytes) -> Query | Unreadable:
+@dataclass(frozen=True, slots=True)
+class NotifyRequest:
+    """A NOTIFY (RFC 1996): a primary says a zone changed; blockd.notify answers it."""
+
+    data: bytes
+
+
+OPCODE_NOTIFY = 4
+
+
+def read_question(data: bytes) -> Query | Unreadable | NotifyRequest:
     """The client's query, or what to do with a packet that is not one."""
+    if len(data) >= 12 and not data[2] & 0x80 and (data[2] >> 3) & 0x0F == OPCODE_NOTIFY:
+        return NotifyRequest(data)
     try:
         query = wire.parse_query(data)
         return query if query is not None else slowpath.parse_query_slow(data)

@@ -5,6 +5,11 @@ by more than half) keeps the serving policy, logs every error and counts a failu
 that arrives while a build runs is not lost: one more build runs after it (so the latest files
 win), never two at once.
 
+Updates of one list (an applied zone transfer) take the same path: `update(build, done)` builds
+a new snapshot from the serving one in a worker thread and swaps it in, queued behind (never
+beside) a running reload, so no build starts from a snapshot another is about to replace.  They
+do not re-read the config file and do not touch the signal status below.
+
 `blockd reload` learns the outcome of its own signal from a status file next to the pidfile
 (<pidfile stem>.reload.json): `signals` counts SIGHUPs received, `covered` is the signal count
 when the last finished build started; a build started after signal N covers it.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +33,9 @@ from blockd.config import Config, ConfigError, load_config
 from blockd.policy import Policy, PolicyError, build_policy
 
 _log = Logger()
+
+# What a list update reports: (the new policy, []) once live, or (None, every error).
+UpdateDone = Callable[[Policy | None, list[str]], None]
 
 
 def status_path_for(pidfile: Path) -> Path:
@@ -82,6 +91,8 @@ class Reloader:
         self.building = False
         self.pending = False
         self.idle: defer.Deferred[None] | None = None
+        self.updates: deque[tuple[Callable[[Policy], Policy], UpdateDone]] = deque()
+        self.swap: Callable[[Policy], None] | None = None  # how an update's snapshot goes live
 
     def announce(self) -> None:
         """Write the status of a fresh process (no signals yet), replacing any older file."""
@@ -114,7 +125,7 @@ class Reloader:
         config, policy = result
         self.apply(config, policy)
         duration = self.monotonic() - started
-        sizes = ", ".join(f"{name}={len(lst.domains)}" for name, lst in policy.lists.items())
+        sizes = ", ".join(f"{name}={len(lst)}" for name, lst in policy.lists.items())
         _log.info("reload succeeded in {seconds:.3f}s: {sizes}", seconds=duration, sizes=sizes)
         self._record(covering, "success", [], duration)
 
@@ -138,10 +149,44 @@ class Reloader:
         self.on_result(result == "success", duration)
         self._write_status()
 
+    def update(self, build: Callable[[Policy], Policy], done: UpdateDone) -> None:
+        """Build a snapshot from the serving one (worker thread) and swap it in; then done(policy,
+        []) on the reactor thread, or done(None, errors) when the build failed (nothing changed)."""
+        self.updates.append((build, done))
+        if not self.building:
+            self._next()
+
+    def _start_update(self, build: Callable[[Policy], Policy], done: UpdateDone) -> None:
+        self.building = True
+        deferred = self.run_in_thread(build, self.current())
+        deferred.addCallback(self._update_built, done)
+        deferred.addErrback(self._update_failed, done)
+        deferred.addErrback(lambda failure: _log.failure("list update bookkeeping failed", failure))
+        deferred.addBoth(self._finished)
+
+    def _update_built(self, policy: Policy, done: UpdateDone) -> None:
+        if self.swap is None:
+            raise RuntimeError("Reloader.swap is not set: list updates cannot go live")
+        self.swap(policy)
+        done(policy, [])
+
+    def _update_failed(self, failure: Any, done: UpdateDone) -> None:
+        if failure.check(ConfigError, PolicyError):
+            errors = list(failure.value.errors)
+        else:
+            errors = [f"unexpected error: {failure.getErrorMessage()}"]
+            _log.failure("list update failed unexpectedly", failure)
+        done(None, errors)
+
     def _finished(self, _: object) -> None:
         self.building = False
+        self._next()
+
+    def _next(self) -> None:
         if self.pending:
             self._start()
+        elif self.updates:
+            self._start_update(*self.updates.popleft())
         elif self.idle is not None:
             idle, self.idle = self.idle, None
             idle.callback(None)

@@ -35,9 +35,10 @@ from blockd import wire
 from blockd.cache import AnswerCache, CacheEntry, CacheKey, cache_key, render
 from blockd.classify import Client
 from blockd.metrics import Metrics
+from blockd.notify import NotifyReceiver
 from blockd.policy import NO_GROUP, Group, Policy, Verdict
 from blockd.querylog import line_tail
-from blockd.question import Unreadable, read_question
+from blockd.question import NotifyRequest, Unreadable, read_question
 from blockd.repeats import BlockedRepeat, CachedRepeat, Repeat, RepeatMemo
 from blockd.upstream import UpstreamError
 from blockd.upstream_answer import AnswerInfo, MalformedAnswer, analyze
@@ -145,8 +146,16 @@ def _label(group: Group | None) -> str:
     return group.name if group is not None else NO_GROUP
 
 
+NO_ANSWER = -1  # the rcode logged for a query given no answer (RPZ drop)
+
+
 def _blocked_bytes(query: Query, verdict: Verdict, ede_text: str) -> bytes:
+    """The answer for a blocking verdict: blockd's actions, and RPZ's tcp-only and local data."""
     rules = verdict.group
+    if verdict.action == "tcp-only":  # over UDP only (Verdict.blocks_on): "ask again over TCP"
+        return wire.error_response(query, wire.RCODE_NOERROR, flags=wire.FLAG_TC)
+    if verdict.action == "local-data" and verdict.rule is not None:
+        return query.local_data_response(verdict.rule.records, rules.ttl, ede_text)
     return query.blocked_response(verdict.action, rules.ttl, rules.sinkhole_a, rules.sinkhole_aaaa, ede_text)
 
 
@@ -163,6 +172,7 @@ class Resolver:
         clock: Clock,
         watcher: AnswerWatcher,
         repeats: RepeatMemo,
+        notifications: NotifyReceiver,
         forward_ecs: bool = False,
     ):
         self.policy = policy
@@ -173,6 +183,7 @@ class Resolver:
         self.clock = clock
         self.watcher = watcher
         self.repeats = repeats
+        self.notifications = notifications  # NOTIFY for transferred zones (blockd.notify)
         self.forward_ecs = forward_ecs
         self.in_flight = InFlight()
         self._log_blocked = observer.logs_blocked  # read once: the repeat path checks it per query
@@ -190,12 +201,14 @@ class Resolver:
         query = read_question(data)
         if isinstance(query, Unreadable):
             return self._unreadable(query, transport)
+        if isinstance(query, NotifyRequest):
+            return self.notifications.receive(query.data, client)
         group = policy.classifier.group_of(who, query)
         self.metrics.count_query(_label(group), transport, query.qtype)
         if not who.allowed:
             return self._refused(client, group, query)
         verdict = self._check_question(policy, group, query)
-        if verdict is not None and verdict.blocks:
+        if verdict is not None and verdict.blocks_on(transport):
             return self._answer_blocked_question(policy, who, client, query, verdict)
         return self._answer_from_upstream(Asker(query, client, group, verdict, transport, policy, who.trusted))
 
@@ -245,10 +258,11 @@ class Resolver:
 
     def _answer_blocked_question(
         self, policy: Policy, who: Client[Group], client: str, query: Query, verdict: Verdict
-    ) -> bytes:
+    ) -> bytes | None:
         answer = self._blocked(client, query, verdict)
         self.watcher.question_blocked(query.key, verdict)
-        if self.repeats.may_remember(query, who.trusted):
+        # Not remembered: no answer (drop), or one that differs by transport (tcp-only).
+        if answer is not None and verdict.action != "tcp-only" and self.repeats.may_remember(query, who.trusted):
             group = verdict.group
             rcode = answer[3] & 0x0F
             counters = (
@@ -260,7 +274,7 @@ class Resolver:
             self.repeats.remember(policy, who.group, query.raw, repeat)
         return answer
 
-    def _answer_from_upstream(self, asker: Asker) -> bytes | defer.Deferred[bytes | None]:
+    def _answer_from_upstream(self, asker: Asker) -> bytes | defer.Deferred[bytes | None] | None:
         """From the cache, or by joining the same question in flight, or by forwarding it."""
         key = cache_key(asker.query)
         now = self.clock.seconds()
@@ -306,12 +320,12 @@ class Resolver:
         for asker in self.in_flight.finish(key):
             asker.deferred.callback(self._servfail(asker, "no upstream answered"))
 
-    def _answer_with(self, asker: Asker, entry: CacheEntry, now: float, key: CacheKey) -> bytes:
+    def _answer_with(self, asker: Asker, entry: CacheEntry, now: float, key: CacheKey) -> bytes | None:
         """An upstream answer (cached or fresh) for one asker: check it, remember it, deliver it."""
         info = entry.info
         verdict = self._check_answer(asker, info)
         self.watcher.answer_seen(info, verdict, asker.group)
-        if verdict is not None and verdict.blocks:
+        if verdict is not None and verdict.blocks_on(asker.transport):
             return self._blocked(asker.client, asker.query, verdict)
         query = asker.query
         if self.repeats.may_remember(query, asker.trusted) and self.cache.holds(key, entry):
@@ -329,7 +343,7 @@ class Resolver:
             return question
         if question is None or (question.list_name, question.action) != (found.list_name, found.action):
             self.metrics.count_blocked(group.name, found.list_name, found.action)  # not counted on the way in
-        return found if found.blocks or question is None else question
+        return found if found.blocks_on(asker.transport) or question is None else question
 
     def _deliver(
         self,
@@ -351,10 +365,14 @@ class Resolver:
         self.observer.answered(client, group, query, verdict, rcode)
         return answer
 
-    def _blocked(self, client: str, query: Query, verdict: Verdict) -> bytes:
-        """The local answer for a blocked name, counted and logged."""
+    def _blocked(self, client: str, query: Query, verdict: Verdict) -> bytes | None:
+        """blockd's own answer for a blocked name (None: drop it), counted and logged."""
+        if verdict.action == "drop":
+            self.metrics.count_drop("policy")
+            self.observer.answered(client, verdict.group, query, verdict, NO_ANSWER)
+            return None
         answer = _blocked_bytes(query, verdict, verdict.ede_text)
-        if len(answer) > wire.PLAIN_UDP_LIMIT:
+        if len(answer) > wire.PLAIN_UDP_LIMIT and verdict.action != "local-data":
             # A maximum-length name plus a long listed name in the EDE text can pass 512 bytes:
             # keep the answer within what every client accepts by naming only the list.
             answer = _blocked_bytes(query, verdict, f"blocked by blockd: list {verdict.list_name}")

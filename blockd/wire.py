@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
+from typing import Protocol
 
 from blockd.names import key_from_wire_labels
 
@@ -139,6 +141,10 @@ class Query:
     def upstream_message(self, forward_ecs: bool) -> bytes:
         """This query as sent upstream (see upstream_message)."""
         return upstream_message(self, forward_ecs)
+
+    def local_data_response(self, records: Sequence[LocalData], ttl: int, ede_text: str) -> bytes:
+        """An RPZ local-data answer (see local_data_response); the same bytes for either parser."""
+        return local_data_response(self, records, ttl, ede_text)
 
 
 def read_header(data: bytes) -> tuple[int, int, int, int, int, int]:
@@ -316,6 +322,40 @@ def blocked_response(
         _response_flags(query.flags, rcode),
         1,
         1 if answer else 0,
+        1 if authority else 0,
+        1 if opt else 0,
+    )
+    return header + query.question + answer + authority + opt
+
+
+class LocalData(Protocol):
+    """One record of RPZ local data (blockd.rpz.LocalRecord)."""
+
+    @property
+    def rtype(self) -> int: ...
+
+    @property
+    def ttl(self) -> int: ...
+
+    @property
+    def rdata(self) -> bytes: ...
+
+
+def local_data_response(query: Query, records: Sequence[LocalData], ttl: int, ede_text: str) -> bytes:
+    """Exactly the zone's data for the query name: the records of the query's type (every one for
+    ANY, and a CNAME whatever the type), owned by the query name as RPZ wildcards require; NODATA
+    with the SOA (TTL `ttl`) when the zone has none of that type.  Names in the records' RDATA
+    are uncompressed, so they can be copied as they are.
+    """
+    wanted = [r for r in records if r.rtype in (query.qtype, TYPE_CNAME) or query.qtype == TYPE_ANY]
+    answer = b"".join(_RR_FIXED.pack(0xC00C, r.rtype, CLASS_IN, r.ttl, len(r.rdata)) + r.rdata for r in wanted)
+    authority = b"" if wanted else soa_record(ttl, len(query.question))
+    opt = opt_record(query.dnssec_ok, EDE_BLOCKED, ede_text) if query.edns else b""
+    header = _HEADER.pack(
+        query.id,
+        _response_flags(query.flags, RCODE_NOERROR),
+        1,
+        len(wanted),
         1 if authority else 0,
         1 if opt else 0,
     )

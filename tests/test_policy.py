@@ -23,6 +23,7 @@ from twisted.internet import defer, task
 from blockd.cache import AnswerCache
 from blockd.config import parse_config
 from blockd.metrics import Metrics
+from blockd.notify import NoZones
 from blockd.policy import build_policy
 from blockd.repeats import RepeatMemo
 from blockd.resolver import IgnoreAnswers, Resolver
@@ -280,6 +281,7 @@ def run_case(directory: Path, case: Case) -> tuple[dns.message.Message, bool]:
         task.Clock(),
         IgnoreAnswers(),
         RepeatMemo(),
+        NoZones(),
     )
     query = dns.message.make_query(case.name, case.qtype, use_edns=0)
     result = resolver.handle(query.to_wire(), case.client, "udp")

@@ -27,6 +27,9 @@ WALL = 1_700_000_000.0
 class FakeList:
     domains: frozenset[str]
 
+    def __len__(self) -> int:
+        return len(self.domains)
+
 
 @dataclass
 class FakePolicy:
@@ -329,3 +332,50 @@ def test_an_unwritable_status_file_does_not_stop_reloads(tmp_path: Path) -> None
     assert harness.serving == FakePolicy(1)
     assert harness.results == [(True, 0.0)]
     assert harness.reloader.state.covered == 1
+
+
+# --- list updates (applied zone transfers) take the same one-at-a-time path -------------------
+
+
+def test_a_list_update_waits_for_a_running_reload_and_builds_on_its_result(tmp_path: Path) -> None:
+    harness = Harness(tmp_path / "blockd.reload.json")
+    swapped: list[FakePolicy] = []
+    outcomes: list[tuple[FakePolicy | None, list[str]]] = []
+
+    def swap(policy: FakePolicy) -> None:
+        swapped.append(policy)
+        harness.serving = policy
+
+    harness.reloader.swap = swap  # type: ignore[assignment]
+    harness.reloader.request()
+    seen: list[FakePolicy] = []
+
+    def build(previous: FakePolicy) -> FakePolicy:
+        seen.append(previous)
+        return FakePolicy(previous.version + 100)
+
+    harness.reloader.update(build, lambda policy, errors: outcomes.append((policy, errors)))  # type: ignore[arg-type]
+    assert len(harness.threads.running) == 1  # only the reload: the update is queued behind it
+    harness.threads.running[0].run()
+    assert harness.serving.version == 1
+    harness.threads.running[0].run()  # now the update, built from the reload's snapshot
+    assert [p.version for p in seen] == [1]
+    assert harness.serving.version == 101 and swapped == [harness.serving]
+    assert outcomes == [(harness.serving, [])]
+    status = json.loads((tmp_path / "blockd.reload.json").read_text())
+    assert status["signals"] == 1 and status["covered"] == 1  # updates do not touch the signal status
+
+
+def test_a_failed_list_update_changes_nothing_and_reports_every_error(tmp_path: Path) -> None:
+    harness = Harness(None)
+    harness.reloader.swap = lambda policy: pytest.fail("a failed update must not go live")  # type: ignore[assignment]
+    outcomes: list[tuple[object, list[str]]] = []
+
+    def build(previous: FakePolicy) -> FakePolicy:
+        raise PolicyError(["zone rpz.example: list 'gov' shrank from 1000 to 10 entries; refusing it"])
+
+    harness.reloader.update(build, lambda policy, errors: outcomes.append((policy, errors)))  # type: ignore[arg-type]
+    harness.threads.running[0].run()
+    assert outcomes == [(None, ["zone rpz.example: list 'gov' shrank from 1000 to 10 entries; refusing it"])]
+    assert harness.serving.version == 0
+    assert harness.results == []  # not a reload: the reload metrics are not touched

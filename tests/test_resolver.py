@@ -25,6 +25,7 @@ from blockd import wire
 from blockd.cache import AnswerCache
 from blockd.config import parse_config
 from blockd.metrics import Metrics
+from blockd.notify import NoZones
 from blockd.policy import Group, Policy, Verdict, build_policy
 from blockd.repeats import BlockedRepeat, CachedRepeat, RepeatMemo
 from blockd.resolver import IgnoreAnswers, Resolver
@@ -148,6 +149,7 @@ class Harness:
             self.clock,
             self.watcher,
             self.repeats,
+            NoZones(),
         )
 
     def build(self) -> Policy:

@@ -1,0 +1,56 @@
+"""The last good copy of every transferred zone, in the state directory.
+
+Config: [server] state_dir (default /var/lib/blockd).  After each applied transfer the zone is
+written as a master file, <state_dir>/<list>.rpz (to a temporary file, fsynced, then renamed
+over the old copy, so a crash leaves the old copy or the new one, never half of one).  At start
+blockd loads it, so it starts and blocks while the primaries are unreachable; its age (the
+file's modification time) tells the refresh schedule how old it is.  Runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockd.rpz import PolicyZone, parse_zone_file, render_zone_file
+
+
+@dataclass(frozen=True)
+class StoredZone:
+    zone: PolicyZone
+    age: float  # seconds since it was written
+
+
+def copy_path(state_dir: Path, list_name: str) -> Path:
+    return state_dir / f"{list_name}.rpz"
+
+
+def save(state_dir: Path, list_name: str, zone: PolicyZone) -> None:
+    """Write the copy atomically.  Raises OSError."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = copy_path(state_dir, list_name)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(render_zone_file(zone))
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+
+
+def load(state_dir: Path, list_name: str, origin: str, now: float | None = None) -> StoredZone | None:
+    """The stored copy, or None when there is none.  Raises ValueError naming what is wrong."""
+    path = copy_path(state_dir, list_name)
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            modified = os.fstat(handle.fileno()).st_mtime
+            zone, errors = parse_zone_file(handle, str(path), origin)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the stored copy: {exc.strerror or exc}") from None
+    if zone is None:
+        raise ValueError("; ".join(str(e) for e in errors[:3]) or f"{path}: not a zone")
+    return StoredZone(zone, max(0.0, (time.time() if now is None else now) - modified))
+
