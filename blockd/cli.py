@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockd import __version__
-from blockd.config import ConfigError, load_config
+from blockd.config import Config, ConfigError, load_config
 from blockd.policy import load_egress_prefixes, load_lists, load_prefix_sets
 
 
@@ -49,7 +49,8 @@ def check_command(path: Path | None) -> int:
     errors += load_prefix_sets(config)[1]
     egress_prefixes, egress_errors = load_egress_prefixes(config)
     errors += egress_errors
-    for line in errors:
+    errors += key_file_errors(config)
+    for line in cap_per_file(errors):
         print(line, file=sys.stderr)
     if errors:
         return 1
@@ -61,6 +62,43 @@ def check_command(path: Path | None) -> int:
         files = ", ".join(str(p) for p in config.egress.prefixes) or "no prefix files"
         print(f"  egress: {len(egress_prefixes)} prefixes from {files}")
     return 0
+
+
+ERRORS_PER_FILE = 20
+
+
+def cap_per_file(errors: list[str], limit: int = ERRORS_PER_FILE) -> list[str]:
+    """At most `limit` errors per file, then how many more: a file of the wrong format must not
+    print 100,000 lines.  Errors read "file:line: message" or "file: message"."""
+    shown: list[str] = []
+    counts: dict[str, int] = {}
+    for line in errors:
+        source = _error_source(line)
+        counts[source] = counts.get(source, 0) + 1
+        if counts[source] <= limit:
+            shown.append(line)
+    shown += [f"{source}: ... and {n - limit} more errors" for source, n in counts.items() if n > limit]
+    return shown
+
+
+def _error_source(line: str) -> str:
+    head = line.split(": ", 1)[0]
+    name, _, number = head.rpartition(":")
+    return name if name and number.isdigit() else head
+
+
+def key_file_errors(config: Config) -> list[str]:
+    """Every TSIG key file the transferred lists name, read as blockd run would."""
+    from blockd.tsig_key import KeyFileError, load_key_file
+
+    errors = []
+    for list_config in config.lists.values():
+        if list_config.tsig is not None:
+            try:
+                load_key_file(list_config.tsig)
+            except KeyFileError as exc:
+                errors += [str(e) for e in exc.errors]
+    return errors
 
 
 def run_command(path: Path | None) -> int:
