@@ -23,7 +23,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,11 +49,13 @@ from blockd.querylog import QueryLog
 from blockd.reload import Reloader, build_for_reload, status_path_for
 from blockd.repeats import RepeatMemo
 from blockd.resolver import AnswerWatcher, Clock, IgnoreAnswers, Resolver
+from blockd.secondary_lists import SecondaryLists, TransferSetupError, ZoneCollector, load_stored_copies
 from blockd.server import DNSStreamFactory
 from blockd.services import DNSService, PidFile, QueryLogService, StartupError
 from blockd.settings import LIVE_KEYS, live_values, needs_restart
 from blockd.upstream import Upstreams
 from blockd.upstream_answer import AnswerInfo, analyze
+from blockd.zone_store import StoredZone
 
 _log = Logger()
 
@@ -140,6 +142,7 @@ class Daemon:
         config_path: Path | None = None,
         netlink: Callable[[Any, EgressSettings], NetlinkParts] = real_netlink,
         clock: Clock | None = None,
+        stored_zones: Mapping[str, StoredZone] | None = None,
     ):
         self.reactor = reactor
         self.config = config
@@ -172,6 +175,7 @@ class Daemon:
         self.follow_up: FollowUpLookups | None = None
         self.interfaces: InterfaceNetworks | None = None
         self._build_netlink(netlink)
+        self.secondaries = self._build_secondaries(stored_zones or {})
         self.resolver = Resolver(
             self.policy,
             self.upstreams,
@@ -195,6 +199,7 @@ class Daemon:
             on_result=self._record_reload,
             status_path=status_path_for(config.server.pidfile) if config.server.pidfile else None,
         )
+        self.reloader.swap = lambda policy: self._go_live(policy, self.config)
 
         # Start order matters: the pidfile (and reload status) first so `blockd reload` works as
         # soon as the daemon answers; the query log before the listeners so no line is lost;
@@ -215,6 +220,8 @@ class Daemon:
             gate=(lambda: interfaces.ready) if interfaces is not None else None,
         )
         self.dns.setServiceParent(self.services)
+        if self.secondaries is not None:
+            self.secondaries.setServiceParent(self.services)  # after the listeners: NOTIFY is answered
         if config.metrics.listen is not None:
             AdminService(reactor, config.metrics.listen, self.metrics.registry, lambda: self.ready).setServiceParent(
                 self.services
@@ -222,8 +229,26 @@ class Daemon:
         self._declare_series(config, policy)
         self.metrics.last_reload_success.set(time.time())
 
+    def _build_secondaries(self, stored: Mapping[str, StoredZone]) -> SecondaryLists | None:
+        """The transferred lists, when the config has any (they start with the DNS listeners)."""
+        if not any(lst.zone is not None for lst in self.config.lists.values()):
+            return None
+        try:
+            secondaries = SecondaryLists(
+                self.reactor,
+                self.config,
+                stored,
+                update=lambda build, done: self.reloader.update(build, done),
+                current_config=lambda: self.config,
+            )
+        except TransferSetupError as exc:
+            raise StartupError(str(exc)) from None
+        self.notify_acceptor = secondaries.notify_acceptor()
+        self.metrics.registry.register(ZoneCollector(secondaries, self.policy, self.notify_acceptor))
+        return secondaries
+
     def _notify_receiver(self) -> NotifyReceiver:
-        return NoZones()
+        return self.notify_acceptor if self.secondaries is not None else NoZones()
 
     def _answer_watcher(self) -> AnswerWatcher:
         # Learning hooks only when they do something: otherwise the query path calls no-ops.
@@ -323,21 +348,25 @@ class Daemon:
         return appliers
 
     def _apply(self, config: Config, policy: Policy) -> None:
-        """Swap in a validated policy (reactor thread) and the settings that can change live."""
+        """A reload: swap in a validated policy (reactor thread) and the settings that change live."""
         for key in needs_restart(self.config, config):
             _log.warn("{key} changed: takes effect only after a restart", key=key)
+        if self.egress is not None and not config.egress.enabled:
+            # Disabling egress takes a restart: until then it keeps routing the last prefixes.
+            policy = policy.with_egress_prefixes(self.policy.current.egress_prefixes)
+        self._go_live(policy, config)
+        for key, value in live_values(config):
+            self._appliers[key](value)
+        self.config = config
+
+    def _go_live(self, policy: Policy, config: Config) -> None:
+        """Swap in a validated policy: after a reload, or a list update (an applied transfer)."""
         serving = self.policy.current
         if self.interfaces is not None:
             # The build started from an older snapshot: carry the subnets known now.
             policy = policy.with_interface_networks(serving.interface_networks)
-        if self.egress is not None and not config.egress.enabled:
-            # Disabling egress takes a restart: until then it keeps routing the last prefixes.
-            policy = policy.with_egress_prefixes(serving.egress_prefixes)
         self.policy.current = policy
         self._retire(serving, config)
-        for key, value in live_values(config):
-            self._appliers[key](value)
-        self.config = config
         self._declare_series(config, policy)
         if self.egress is not None:
             self.egress.request_reconcile()
@@ -418,11 +447,12 @@ def run(path: Path | None) -> int:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     try:
         config = load_config(path)
-        policy = build_policy(config)
+        stored = load_stored_copies(config)  # transferred lists start from their last good copy
+        policy = build_policy(config, transferred={name: copy.zone for name, copy in stored.items()})
     except (ConfigError, PolicyError) as exc:
         return _refuse(exc.errors)
     try:
-        daemon = Daemon(reactor, config, policy, config_path=path)
+        daemon = Daemon(reactor, config, policy, config_path=path, stored_zones=stored)
     except StartupError as exc:
         return _refuse([str(exc)])
     try:

@@ -27,6 +27,11 @@ def _interface_selectors(config: Config) -> dict[str, tuple[tuple[str, ...], tup
     return {g.name: (g.interfaces, g.vlans) for g in config.groups.values() if g.interfaces or g.vlans}
 
 
+def _transferred_lists(config: Config) -> dict[str, tuple[object, ...]]:
+    # A transfer service is built per zone at start (its content reloads: it is in the snapshot).
+    return {lst.name: (lst.zone, lst.primaries, lst.tsig) for lst in config.lists.values() if lst.zone is not None}
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("upstream.servers", lambda c: c.upstream.servers, live=True),
     Setting("upstream.timeout", lambda c: c.upstream.timeout, live=True),
@@ -43,6 +48,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log.path", lambda c: c.log.path, live=False),
     Setting("log.client_ip", lambda c: c.log.client_ip, live=False),
     Setting("groups.*.interfaces/vlans", _interface_selectors, live=False),
+    Setting("server.state_dir", lambda c: c.server.state_dir, live=False),
+    Setting("lists.*.zone/primaries/tsig", _transferred_lists, live=False),
     Setting("egress.enabled", lambda c: c.egress.enabled, live=False),
     Setting("egress.table", lambda c: c.egress.table, live=False),
     Setting("egress.rule_priority", lambda c: c.egress.rule_priority, live=False),
