@@ -65,6 +65,15 @@ ALLOWED_METRICS = frozenset(
         "blockd_egress_never_skipped_total",
         "blockd_egress_unroutable_skipped_total",
         "blockd_egress_followup_lookups_total",
+        # Lists transferred from primaries (RPZ) only.
+        "blockd_list_serial",
+        "blockd_zone_transfers_total",
+        "blockd_zone_last_transfer_success_timestamp_seconds",
+        "blockd_zone_expired",
+        "blockd_zone_transfer_duration_seconds_bucket",
+        "blockd_zone_transfer_duration_seconds_sum",
+        "blockd_zone_transfer_duration_seconds_count",
+        "blockd_notify_total",
         "up",  # Prometheus's own, for BlockdDown
     }
 )
@@ -94,7 +103,23 @@ def exported_metric_names() -> set[str]:
     registry.register(ListSizeCollector(lambda: {"ads": 1}))
     EgressMetrics(registry)
     registry.register(EgressCollector(_Counts()))
+    registry.register(_zone_collector())
     return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def _zone_collector() -> object:
+    """blockd's ZoneCollector over one transferred list with a little of everything to report."""
+    from types import SimpleNamespace
+
+    from blockd.notify import NotifyAcceptor
+    from blockd.secondary_lists import ZoneCollector, ZoneList
+
+    secondary = SimpleNamespace(transfers={("ixfr", "incremental"): 1}, last_success=1.0, running=True, expired=False)
+    entry = ZoneList(config=None, key=None, secondary=secondary)  # type: ignore[arg-type]
+    zone = SimpleNamespace(soa=SimpleNamespace(serial=7))
+    policy = SimpleNamespace(lists={"gov-rpz": SimpleNamespace(zone=zone)})
+    lists = SimpleNamespace(zones={"gov-rpz": entry})
+    return ZoneCollector(lists, lambda: policy, NotifyAcceptor({}))  # type: ignore[arg-type]
 
 
 def test_allowed_metrics_are_exported() -> None:
