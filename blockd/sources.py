@@ -12,6 +12,7 @@ trigger's action.  Pure: reads files, no sockets, no clock.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +55,11 @@ def load_source(
     return loaded
 
 
+# The origin of an RPZ file that names none: published feeds leave it to the server's zone
+# statement, and a trigger is the same whatever the origin.  A name that is never queried.
+IMPLIED_ORIGIN = "rpz.invalid"
+
+
 def _load_zone_file(config: ListConfig, path: Path, previous: DomainList | None) -> DomainList:
     shown = str(path)
     try:
@@ -62,12 +68,28 @@ def _load_zone_file(config: ListConfig, path: Path, previous: DomainList | None)
             signature = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
             if previous is not None and previous.signature == signature and previous.path == shown and previous.rpz:
                 return previous
-            zone, errors = parse_zone_file(handle, shown)
+            head = [line for _, line in zip(range(_HEAD_LINES), handle, strict=False)]
+            origin = IMPLIED_ORIGIN if _names_no_origin(head) else None
+            zone, errors = parse_zone_file(itertools.chain(head, handle), shown, origin)
     except OSError as exc:
         raise ListLoadError([LineError(shown, 0, f"cannot read zone file: {exc.strerror or exc}")]) from None
     if errors or zone is None:
         raise ListLoadError(errors or [LineError(shown, 0, "no zone")])
     return zone_list(config.name, shown, zone, signature)
+
+
+def _names_no_origin(head: list[str]) -> bool:
+    """No $ORIGIN, and the first record's owner is relative ("@", or no trailing dot)."""
+    for line in head:
+        fields = line.split(";", 1)[0].split()
+        if not fields or line[0] in " \t":
+            continue
+        if fields[0].upper() == "$ORIGIN":
+            return False
+        if fields[0].startswith("$"):
+            continue
+        return fields[0] == "@" or not fields[0].endswith(".")
+    return True
 
 
 def _detect_format(path: Path) -> str:

@@ -208,3 +208,38 @@ lists = ["hosts"]
     assert policy.check(gov, "ads.example.com") is not None
     assert policy.check(gov, "x.ads.example.com") is None
     assert policy.check(gov, "example.com") is None
+
+
+FEEDS = Path(__file__).parent / "data"
+
+
+def feed_policy(directory: Path, list_table: str) -> Policy:
+    config = f"""
+[upstream]
+servers = ["127.0.0.1:5399"]
+[lists.feed]
+{list_table}
+[groups.gov]
+networks = ["10.120.0.0/16"]
+lists = ["feed"]
+"""
+    return build_policy(parse_config(config, "feeds.toml", directory))
+
+
+def test_a_public_rpz_feed_loads_with_its_own_actions(tmp_path: Path) -> None:
+    policy = feed_policy(tmp_path, f'path = "{FEEDS / "tiktok-feed.rpz"}"\naction = "zone"')
+    feed, gov = policy.lists["feed"], policy.groups["gov"]
+    lines = (FEEDS / "tiktok-feed.rpz").read_text().splitlines()
+    names = [line.split()[0] for line in lines if " CNAME " in line and not line.startswith(";")]
+    assert len(feed) == len(names)  # every trigger, exact and wildcard
+    for name, query in (("tiktok.com", "tiktok.com"), ("*.tiktok.com", "www.tiktok.com")):
+        verdict = policy.check(gov, query)
+        assert verdict is not None and (verdict.domain, verdict.action) == (name, "nxdomain")
+
+
+def test_the_same_feed_as_hosts_with_match_exact(tmp_path: Path) -> None:
+    policy = feed_policy(tmp_path, f'path = "{FEEDS / "tiktok-feed.hosts"}"\nmatch = "exact"')
+    gov = policy.groups["gov"]
+    assert policy.check(gov, "tiktok.com") is not None
+    assert policy.check(gov, "www.tiktok.com") is None  # a hosts file names single hosts
+    assert policy.check(gov, "localhost") is None
