@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from blockd import wire
 from blockd.cache import AnswerCache, CacheEntry, CacheKey, cache_key, render
 from blockd.classify import Client
+from blockd.garden import follow_target, splice
 from blockd.metrics import Metrics
 from blockd.notify import NotifyReceiver
 from blockd.policy import NO_GROUP, Group, Policy, Verdict
@@ -187,6 +188,7 @@ class Resolver:
         self.forward_ecs = forward_ecs
         self.in_flight = InFlight()
         self._log_blocked = observer.logs_blocked  # read once: the repeat path checks it per query
+        self._following = False  # resolving a walled garden's target (blockd.garden)
 
     def handle(self, data: bytes, client: str, transport: str) -> bytes | defer.Deferred[bytes | None] | None:
         """Answer one query: bytes now, a Deferred for forwarded queries, None to drop."""
@@ -209,7 +211,7 @@ class Resolver:
             return self._refused(client, group, query)
         verdict = self._check_question(policy, group, query)
         if verdict is not None and verdict.blocks_on(transport):
-            return self._answer_blocked_question(policy, who, client, query, verdict)
+            return self._answer_blocked_question(policy, who, client, query, verdict, transport)
         return self._answer_from_upstream(Asker(query, client, group, verdict, transport, policy, who.trusted))
 
     # -- the steps ------------------------------------------------------------------------------
@@ -257,10 +259,13 @@ class Resolver:
         return verdict
 
     def _answer_blocked_question(
-        self, policy: Policy, who: Client[Group], client: str, query: Query, verdict: Verdict
-    ) -> bytes | None:
+        self, policy: Policy, who: Client[Group], client: str, query: Query, verdict: Verdict, transport: str
+    ) -> bytes | defer.Deferred[bytes | None] | None:
         answer = self._blocked(client, query, verdict)
         self.watcher.question_blocked(query.key, verdict)
+        target = follow_target(verdict, query) if answer is not None and not self._following else None
+        if answer is not None and target is not None:
+            return self._walled_garden(answer, target, query, client, transport)
         # Not remembered: no answer (drop), or one that differs by transport (tcp-only).
         if answer is not None and verdict.action != "tcp-only" and self.repeats.may_remember(query, who.trusted):
             group = verdict.group
@@ -273,6 +278,25 @@ class Resolver:
             repeat = BlockedRepeat(answer[2:], verdict, query.key, log_tail, counters)
             self.repeats.remember(policy, who.group, query.raw, repeat)
         return answer
+
+    def _walled_garden(
+        self, answer: bytes, target: str, query: Query, client: str, transport: str
+    ) -> bytes | defer.Deferred[bytes | None]:
+        """The CNAME answer and its target, resolved as this client's query for it would be."""
+        try:
+            message, _question = wire.lookup_message(target, query.qtype, query.id)
+        except ValueError:
+            return answer
+        self._following = True  # one step: a garden whose target is a garden again is not followed
+        try:
+            followed = self.handle(message, client, transport)
+        finally:
+            self._following = False
+        if followed is None:
+            return answer
+        if isinstance(followed, bytes):
+            return splice(answer, followed)
+        return followed.addCallback(lambda target_answer: splice(answer, target_answer) if target_answer else answer)
 
     def _answer_from_upstream(self, asker: Asker) -> bytes | defer.Deferred[bytes | None] | None:
         """From the cache, or by joining the same question in flight, or by forwarding it."""

@@ -39,6 +39,7 @@ PURE = (
     "tsig_key",
     "xfr",
     "refresh",
+    "garden",
 )
 FORBIDDEN = ("twisted", "pyroute2", "socket", "time", "zope", "prometheus_client")
 ALLOWED_THIRD_PARTY = ("dnslib", "dns")  # dns: dnspython (TSIG, RDATA text)

@@ -93,7 +93,8 @@ ROWS = [
     Row("local-data-a", "local.example", "A", "NOERROR", ["10.9.9.10", "10.9.9.9"]),
     Row("local-data-txt", "local.example", "TXT", "NOERROR", ['"blocked by policy; see the intranet"']),
     Row("local-data-nodata-for-other-types", "local.example", "AAAA", "NOERROR", []),
-    Row("walled-garden-cname", "garden.example", "A", "NOERROR", ["walled.gov.example."]),
+    Row("walled-garden-cname-then-its-target", "garden.example", "A", "NOERROR", ["192.0.2.1", "walled.gov.example."]),
+    Row("walled-garden-cname-question", "garden.example", "CNAME", "NOERROR", ["walled.gov.example."]),
     Row("rpz-ip-nxdomain", "answer.example", "A", "NXDOMAIN", [], upstream_a="203.0.113.66"),
     Row("rpz-ip-local-data", "answer2.example", "A", "NOERROR", ["10.8.8.8"], upstream_a="198.51.100.7"),
     Row("rpz-ip-other-address", "answer3.example", "A", "NOERROR", "forwarded", upstream_a="203.0.113.67"),
@@ -159,7 +160,7 @@ def test_rpz_actions(tmp_path: Path, row: Row) -> None:
         assert message.flags & dns.flags.TC and not message.answer and not forwarded
         return
     assert texts(message) == row.answer
-    if not row.id.startswith("rpz-ip"):
+    if not row.id.startswith(("rpz-ip", "walled-garden-cname-then")):
         assert not forwarded
     ede = [o.text for o in message.options if isinstance(o, dns.edns.EDEOption)]
     assert len(ede) == 1 and "on list gov-rpz" in (ede[0] or "")
