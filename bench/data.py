@@ -3,6 +3,7 @@ list, and dnsperf's query files (blocked names, cache hits, cache misses)."""
 
 from __future__ import annotations
 
+import os
 import random
 import string
 from collections.abc import Iterable
@@ -139,3 +140,74 @@ def query_files(tmp: Path, repeat: int, duration: float) -> QueryFiles:
         for run in range(repeat + 1)
     ]
     return QueryFiles(hit, misses, count)
+
+
+# --------------------------------------------------------------------------------------------
+# The RPZ comparison (--rpz): one generated zone, loaded from a file and transferred from Knot
+
+RPZ_ORIGIN = "rpz.bench."
+RPZ_SUFFIX = "bench.test"  # every trigger lies under it: the fake upstream answers A 192.0.2.1 there
+
+
+@dataclass
+class RpzZone:
+    """A zone of `name CNAME .` + `*.name CNAME .` pairs (NXDOMAIN for the name and everything below it).
+
+    Every name lies under bench.test., which the fake upstream answers with A 192.0.2.1: an NXDOMAIN can
+    only come from the policy, and a trigger an IXFR removed must come back as 192.0.2.1.
+    """
+
+    origin: str
+    path: Path  # the zone file (serial 1), what blockd's `path` and unbound's `zonefile:` load
+    names: list[str]  # the listed names, in file order; len(names) * 2 triggers
+    spares: list[str]  # never listed yet: what the IXFR changes add
+    serial: int = 1
+    rng: random.Random = field(default_factory=lambda: random.Random(9))
+
+    @property
+    def triggers(self) -> int:
+        return 2 * len(self.names)
+
+    @property
+    def probe(self) -> str:
+        """The start-up probe: the last name of the file."""
+        return self.names[-1]
+
+    def listset(self, key: str, label: str) -> ListSet:
+        """The zone as a list set for Server.start (no dnsperf runs on it: no query file)."""
+        return ListSet(key, label, {"rpz": self.path}, list(self.names), Path(os.devnull), self.probe)
+
+    def write(self, path: Path) -> Path:
+        """The zone as a master file at its current serial."""
+        with open(path, "w") as handle:
+            handle.write(f"$ORIGIN {self.origin}\n$TTL 300\n")
+            handle.write(f"@ SOA localhost. hostmaster.localhost. {self.serial} 3600 600 864000 60\n@ NS localhost.\n")
+            for name in self.names:
+                handle.write(f"{name} CNAME .\n*.{name} CNAME .\n")
+        return path
+
+    def change(self, triggers: int) -> tuple[list[str], list[str]]:
+        """Remove triggers/4 names and add as many spares (triggers/2 removed, triggers/2 added); bump the
+        serial.  Returns (removed, added) names."""
+        count = max(1, triggers // 4)
+        if len(self.spares) < count or len(self.names) < 2 * count:
+            raise BenchError(f"the RPZ zone has no {count} names left to change")
+        gone = set(self.rng.sample(range(len(self.names) - 1), count))  # never the probe (the last name)
+        removed = [self.names[i] for i in sorted(gone)]
+        added, self.spares = self.spares[:count], self.spares[count:]
+        kept = [name for i, name in enumerate(self.names) if i not in gone]
+        self.names = kept[:-1] + added + kept[-1:]
+        self.serial += 1
+        return removed, added
+
+
+def rpz_zone(tmp: Path, triggers: int, spares: int, seed: int = 20261201) -> RpzZone:
+    """`triggers` triggers over triggers/2 deterministic names (data.synthetic_names, under bench.test.), and
+    `spares` more names kept out of the zone for IXFR changes to add."""
+    count = max(2, triggers // 2)
+    log(f"generating the {2 * count:,}-trigger RPZ zone ({count:,} names, each `name` and `*.name` CNAME .)")
+    names = [f"{name}.{RPZ_SUFFIX}" for name in synthetic_names(count + spares, seed)]
+    random.Random(seed).shuffle(names)
+    zone = RpzZone(RPZ_ORIGIN, tmp / "big.rpz", names[:count], names[count:])
+    zone.write(zone.path)
+    return zone

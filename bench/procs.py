@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,13 @@ def which(name: str) -> str | None:
 
 
 def ensure_tools(allow_install: bool) -> dict[str, str]:
-    wanted = {"dnsperf": "dnsperf", "dnsmasq": "dnsmasq", "unbound": "unbound", "taskset": "util-linux"}
+    wanted = {
+        "dnsperf": "dnsperf",
+        "dnsmasq": "dnsmasq",
+        "unbound": "unbound",
+        "unbound-checkconf": "unbound",
+        "taskset": "util-linux",
+    }
     missing = sorted({pkg for exe, pkg in wanted.items() if which(exe) is None})
     if missing and allow_install and os.geteuid() == 0 and which("apt-get"):
         _apt_install(missing)
@@ -51,6 +59,22 @@ def ensure_tools(allow_install: bool) -> dict[str, str]:
     return {exe: path for exe, path in paths.items() if path is not None}
 
 
+def ensure_knot(allow_install: bool) -> dict[str, str]:
+    """knotd and knotc (Debian's `knot`), for the RPZ comparison's primary; exits 2 with instructions."""
+    wanted = ("knotd", "knotc")
+    if any(which(exe) is None for exe in wanted) and allow_install and os.geteuid() == 0 and which("apt-get"):
+        _apt_install(["knot"])
+    paths = {exe: which(exe) for exe in wanted}
+    if any(path is None for path in paths.values()):
+        print(
+            "bench: --rpz needs Knot DNS (knotd, knotc) as the primary; install it (Debian/Ubuntu) with:\n"
+            "  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y knot && sudo systemctl disable --now knot",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return {exe: path for exe, path in paths.items() if path is not None}
+
+
 def _apt_install(missing: list[str]) -> None:
     log(f"installing {' '.join(missing)} with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -59,7 +83,7 @@ def _apt_install(missing: list[str]) -> None:
         subprocess.run(["apt-get", "update"], env=env)
         subprocess.run(command, env=env)
     # Debian's postinst may start the system services; the benchmark wants nothing on :53.
-    for service in ("dnsmasq", "unbound"):
+    for service in ("dnsmasq", "unbound", "knot"):
         if service in missing:
             subprocess.run(["systemctl", "stop", service], capture_output=True)
             subprocess.run(["systemctl", "disable", service], capture_output=True)
@@ -239,3 +263,62 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def hwm_mb(pid: int) -> float:
+    """Peak resident set size so far (VmHWM)."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def settle(pid: int, limit: float = 60.0) -> float:
+    """Wait until a process has used no CPU for a second (at most `limit` s); returns the seconds waited."""
+    started = time.monotonic()
+    last, idle_since = cpu_ticks(pid), time.monotonic()
+    while time.monotonic() - started < limit:
+        time.sleep(0.25)
+        now = cpu_ticks(pid)
+        if now > last + 1:
+            last, idle_since = now, time.monotonic()
+        elif time.monotonic() - idle_since >= 1.0:
+            break
+    return time.monotonic() - started
+
+
+class ConnectionWatch:
+    """When the first new TCP connection to 127.0.0.1:`port` appeared (polling /proc/net/tcp every 5 ms), to split
+    a secondary's time to its first answer into "until it connected to the primary" and "the transfer".
+    Connections that existed before the watch started (TIME_WAIT of an earlier transfer) are not new."""
+
+    def __init__(self, port: int):
+        self.remote = f"0100007F:{port:04X}"
+        self.first: float | None = None  # time.monotonic()
+        self._before = self._connections()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"tcp-watch-{port}", daemon=True)
+        self._thread.start()
+
+    def _connections(self) -> set[str]:
+        """The local address:port of every TCP socket connected (or connecting) to the port."""
+        try:
+            with open("/proc/net/tcp") as handle:
+                next(handle)
+                fields = [line.split() for line in handle]
+        except (OSError, StopIteration):
+            return set()
+        return {f[1] for f in fields if len(f) > 3 and f[2] == self.remote and f[3] not in ("06", "07")}
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            if self._connections() - self._before:
+                self.first = time.monotonic()
+                return
+            self._stop.wait(0.005)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join(2)
+        return self.first

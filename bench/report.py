@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from data import ListSet
 from load import FIXED_QPS, PerfResult
 from procs import CLIENT_CPU, SERVER_CPU
-from servers import SERVERS, Toggle
+from servers import FORWARD_A, SERVERS, Toggle
 
 if TYPE_CHECKING:
     from suite import Bench
@@ -370,4 +370,103 @@ def report(bench: Bench, tools: dict[str, str], started: datetime.datetime, elap
         )
     body += bench.extra
     body += runs_section(bench)
+    return "\n".join(body) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The RPZ comparison (--rpz)
+
+
+def rpz_rows(changes: int) -> list[Row]:
+    """The RPZ table: Row.listset is unused (every figure is of one zone); check(blockd, unbound) -> met."""
+    ixfr = f"IXFR of {changes:,} changed triggers"
+    return [
+        Row("from the file: start until the first blocked answer, s", "", "file_startup", "s", "<= 1.5x unbound",
+            lambda b, u: b <= 1.5 * u),
+        Row("from the file: RSS after load, MB", "", "file_rss", "MB", "<= 0.5x unbound", lambda b, u: b <= 0.5 * u),
+        Row("from the file: peak RSS (VmHWM), MB", "", "file_hwm", "MB"),
+        Row("AXFR from knot: start until the first blocked answer, s", "", "axfr_startup", "s", "<= 1.5x unbound",
+            lambda b, u: b <= 1.5 * u),
+        Row("… of which: start until its first TCP connection to knot, s", "", "axfr_connect", "s"),
+        Row("… of which: that connection until the first blocked answer, s", "", "axfr_transfer", "s"),
+        Row("AXFR: RSS after load, MB", "", "axfr_rss", "MB", "<= 0.5x unbound", lambda b, u: b <= 0.5 * u),
+        Row("AXFR: RSS once idle (blockd has saved its copy), MB", "", "settled_rss", "MB"),
+        Row(f"{ixfr}: knot's zone-reload until its NOTIFY, ms", "", "ixfr_notify", "ms"),
+        Row(f"{ixfr}: NOTIFY until a newly added name is blocked, ms", "", "ixfr_after_notify", "ms", "< 1 s",
+            lambda b, u: b < 1),
+        Row(f"{ixfr}: zone-reload until a newly added name is blocked, ms", "", "ixfr_total", "ms",
+            "< 1 s (includes knot's reload)", lambda b, u: b < 1),
+        Row(f"{ixfr}: RSS after, MB", "", "ixfr_rss", "MB"),
+        Row("AXFR + IXFR instance: peak RSS (VmHWM), MB", "", "ixfr_hwm", "MB"),
+    ]  # fmt: skip
+
+
+def _rpz_target(row: Row, subject: object, unbound: object) -> str:
+    """The row's target and whether this run met it ("unbound" in the target: relative to unbound)."""
+    if row.check is None:
+        return row.target
+    if isinstance(subject, float) and math.isinf(subject):
+        return f"{row.target}: **MISSED** (timeout)"
+    relative = "unbound" in row.target
+    if not _finite(subject) or (relative and not _finite(unbound)):
+        return f"{row.target}: n/a"
+    assert isinstance(subject, (int, float))
+    met = row.check(subject, unbound if isinstance(unbound, (int, float)) else math.nan)
+    return f"{row.target}: {'met' if met else '**MISSED**'}"
+
+
+def rpz_table(bench: Bench) -> str:
+    """One row per figure: blockd, unbound, blockd/unbound, the target and whether it was met."""
+    lines = ["| metric | blockd | unbound | blockd/unbound | target |", "|---|---:|---:|---:|---|"]
+    for row in rpz_rows(bench.args.rpz_changes):
+        subject, anchor = (bench.rpz.get(kind, {}).get(row.key) for kind in ("blockd", "unbound"))
+        cells = [fmt(subject, row.unit), fmt(anchor, row.unit), _ratio(subject, anchor)]
+        lines.append(f"| {row.label} | {' | '.join(cells)} | {_rpz_target(row, subject, anchor)} |")
+    return "\n".join(lines)
+
+
+def rpz_report(bench: Bench, tools: dict[str, str], started: datetime.datetime, elapsed: float) -> str:
+    args = bench.args
+    facts = bench.rpz_facts
+    command = shlex.join(["python", "bench/run.py", *args.argv])
+    triggers, names = facts.get("triggers", 0), facts.get("names", 0)
+    body = [
+        f"## blockd vs unbound: RPZ loading, {started.strftime('%Y-%m-%d %H:%M:%S %Z').strip()}",
+        "",
+        f"- command: `{command}` (took {elapsed / 60:.1f} min)",
+        *machine(tools, bench.fingerprint),
+        f"- {first_line([tools['knotd'], '--version'])}",
+        f"- zone `{facts.get('origin')}`: {triggers:,} triggers, {names:,} names each as `name CNAME .` and "
+        f"`*.name CNAME .` (NXDOMAIN for the name and everything below it), every name under `bench.test.` (the "
+        f"fake upstream answers those A {FORWARD_A}, so NXDOMAIN can only come from the policy); "
+        f"{facts.get('mb', 0):.0f} MB as a file, deterministic (fixed seed)",
+        f"- primary: knot on CPU {CLIENT_CPU}, loopback, `zonefile-load: difference`, `journal-content: changes`, "
+        "NOTIFY to the bench's listener and to blockd's and unbound's DNS ports, no TSIG (unbound 1.17 cannot sign "
+        f"transfers); it loaded the zone in {facts.get('knot_startup', math.nan):.1f} s, RSS "
+        f"{facts.get('knot_rss', math.nan):.0f} MB",
+        '- blockd: `[lists.rpz] path = "big.rpz"`, then `zone` + `primaries = ["127.0.0.1:KNOT"]` '
+        '(RPZ actions kept, `action = "zone"` by default), `state_dir` empty at start (no stored copy: the '
+        'zone comes by AXFR); metrics on, `[log] queries = "blocked"`',
+        '- unbound: one thread, `module-config: "respip validator iterator"`, `rpz:` with `zonefile:`, then '
+        "`primary: 127.0.0.1@KNOT` + `allow-notify: 127.0.0.1` (no zonefile: kept in memory only, unbound's "
+        "fastest form; blockd writes its copy to `state_dir`, after going live, in a thread)",
+        f"- each server on CPU {SERVER_CPU}, one at a time, fresh process; 'start' is `Popen` of `taskset … "
+        "server`, polled every 10 ms with A of a listed name until NXDOMAIN; RSS is VmRSS right then",
+        "- IXFR: the bench rewrites knot's zone file with the change and a serial one higher and runs `knotc -b "
+        "zone-reload`; knot computes the difference and NOTIFYs; the bench polls A of a newly added name every "
+        "5 ms until NXDOMAIN, then checks every added and removed name (and a subdomain of each)",
+        "",
+        rpz_table(bench),
+        "",
+        "Ratios are blockd/unbound: below 1 is better (time, memory).",
+        "",
+        "Notes:",
+        *(f"- {note}" for note in bench.rpz_notes),
+        *(f"- answer check {line}" for line in bench.sanity),
+    ]
+    if bench.quiet.waits:
+        body.append(
+            f"- waited {bench.quiet.waited:.0f}s in all ({bench.quiet.waits} times) for other processes to leave the "
+            f"CPUs before a measurement (`--quiet-wait {args.quiet_wait:g}`, budget {args.quiet_budget:g}s)"
+        )
     return "\n".join(body) + "\n"

@@ -4,6 +4,7 @@
     python bench/run.py                          # full run (about 6-8 minutes)
     python bench/run.py --quick                  # smoke test, about a minute (what CI may run)
     python bench/run.py --metrics-off --profile  # also: blockd counting/log on vs off, py-spy profile
+    python bench/run.py --rpz                    # instead: RPZ loading (file, AXFR, IXFR) against unbound, Knot primary
 
 Every server under test is pinned to CPU 0 (taskset -c 0); dnsperf and the fake upstream run on
 CPU 1.  All traffic stays on 127.0.0.1: the servers forward only to a fake upstream (unbound as a
@@ -33,8 +34,8 @@ from types import FrameType
 
 from common import BENCH, REPO, BenchError, log
 from data import SHIPPED_LISTS
-from procs import Procs, ensure_tools, snapshot_blockd
-from report import blockd_cache_state, report
+from procs import Procs, ensure_knot, ensure_tools, snapshot_blockd
+from report import blockd_cache_state, report, rpz_report
 from servers import SERVERS
 from suite import Bench
 
@@ -66,6 +67,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--unbound-style", choices=("always_null", "redirect"), default="always_null",
         help="unbound block entries: local-zone always_null (default) or redirect + local-data A/AAAA",
     )  # fmt: skip
+    parser.add_argument(
+        "--rpz", action="store_true",
+        help="run the RPZ comparison instead: blockd vs unbound loading one RPZ zone from its file, by AXFR "
+        "from a Knot primary, then an IXFR after NOTIFY (needs knotd/knotc)",
+    )  # fmt: skip
+    parser.add_argument("--rpz-size", type=int, help="--rpz: triggers in the zone (default 1,000,000; --quick 20,000)")
+    parser.add_argument(
+        "--rpz-changes", type=int, default=1000, help="--rpz: triggers the IXFR changes, half removed (default 1,000)"
+    )
+    parser.add_argument(
+        "--rpz-timeout", type=float, default=900.0,
+        help="--rpz: seconds to wait for a server's first blocked answer, or for an IXFR (default 900)",
+    )  # fmt: skip
     parser.add_argument("--no-install", action="store_true", help="never run apt-get/pip; fail with instructions")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the generated configs, lists and logs")
     args = parser.parse_args(argv)
@@ -79,6 +93,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.repeat = max(1, args.repeat)
     if args.synthetic is None:
         args.synthetic = 10_000 if args.quick else 1_000_000
+    if args.rpz_size is None:
+        args.rpz_size = 20_000 if args.quick else 1_000_000
+    if not 4 <= args.rpz_changes <= args.rpz_size // 2:
+        parser.error("--rpz-changes: at least 4, and at most half of --rpz-size")
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(args.servers) - set(SERVERS)
     if unknown or not args.servers:
@@ -94,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: needs at least 2 CPUs (server on CPU 0, dnsperf on CPU 1)", file=sys.stderr)
         return 2
     tools = ensure_tools(allow_install=not args.no_install)
+    if args.rpz:
+        tools.update(ensure_knot(allow_install=not args.no_install))
 
     def terminate(signum: int, frame: FrameType | None) -> None:  # SIGTERM/SIGHUP: unwind through the finally
         raise KeyboardInterrupt(f"signal {signum}")
@@ -112,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         snapshot = snapshot_blockd(tmp, SHIPPED_LISTS)
         bench = Bench(args, tools, tmp, procs, snapshot)
         bench.cache_state = blockd_cache_state(snapshot.root)
-        log(f"working in {tmp}; servers: {', '.join(args.servers)}; {args.duration:g}s per run")
-        bench.run()
+        if args.rpz:
+            log(f"working in {tmp}; RPZ comparison, {args.rpz_size:,} triggers, blockd vs unbound, knot primary")
+            bench.run_rpz()
+        else:
+            log(f"working in {tmp}; servers: {', '.join(args.servers)}; {args.duration:g}s per run")
+            bench.run()
     except KeyboardInterrupt:
         print("\nbench: interrupted; stopping every process it started", file=sys.stderr)
         status = 130
@@ -128,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     if status or bench is None:
         return status or 1
-    text = report(bench, tools, started, time.monotonic() - t0)
-    out = BENCH / "out" / f"results-{args.stamp}.md"
+    text = (rpz_report if args.rpz else report)(bench, tools, started, time.monotonic() - t0)
+    out = BENCH / "out" / f"{'rpz-' if args.rpz else ''}results-{args.stamp}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)
     print()

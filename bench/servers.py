@@ -50,8 +50,20 @@ def dns_query(port: int, name: str, qtype: str, timeout: float = 1.0) -> Any:
                 return reply
 
 
-def wait_until_answering(proc: Proc, port: int, name: str, started: float, limit: float) -> float:
-    """Seconds from `started` until the server answers a query for `name`."""
+class StartTimeout(BenchError):
+    """A server did not give the answer it was waited for within the limit; `proc` is still running."""
+
+    def __init__(self, message: str, proc: Proc, limit: float):
+        super().__init__(message)
+        self.proc = proc
+        self.limit = limit
+
+
+def wait_until_answering(
+    proc: Proc, port: int, name: str, started: float, limit: float, ready: Callable[[bytes], bool] | None = None
+) -> float:
+    """Seconds from `started` until the server answers a query for `name` (A), with an answer `ready`
+    accepts when it is given (any answer otherwise)."""
     query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
     query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -60,11 +72,12 @@ def wait_until_answering(proc: Proc, port: int, name: str, started: float, limit
             if proc.popen.poll() is not None:
                 raise BenchError(f"{proc.name} exited with {proc.popen.returncode} while starting:\n{proc.log_tail()}")
             if time.monotonic() - started > limit:
-                raise BenchError(f"{proc.name} did not answer within {limit:g}s:\n{proc.log_tail()}")
+                message = f"{proc.name} did not answer as wanted within {limit:g}s:\n{proc.log_tail()}"
+                raise StartTimeout(message, proc, limit)
             try:
                 sock.sendto(query, ("127.0.0.1", port))
                 data = sock.recv(4096)
-                if data[:2] == query[:2]:
+                if data[:2] == query[:2] and (ready is None or ready(data)):
                     return time.monotonic() - started
             except (TimeoutError, ConnectionRefusedError, OSError):
                 pass
@@ -99,6 +112,7 @@ class Instance:
     startup: float
     metrics_port: int | None = None
     log_path: Path | None = None
+    started: float = 0.0  # time.monotonic() just before Popen
 
 
 @dataclass
@@ -117,6 +131,9 @@ class Server:
     """A server under test. Subclasses write its block-list config and its command line."""
 
     kind: ClassVar[str]
+    strict: ClassVar[bool] = False  # True: any failed answer check ends the run (not only a listed A/AAAA)
+    checked: ClassVar[str] = f"A 0.0.0.0, subdomain AAAA ::, MX NODATA locally, forward {FORWARD_A}"  # the report
+    start_limit: float = 300.0  # seconds start() waits for the answer `ready` accepts
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Server:
@@ -132,15 +149,20 @@ class Server:
         """Report notes taken from the instance after every run on it (before it stops)."""
         return []
 
-    def start(self, listset: ListSet, ctx: Context) -> Instance:
-        """A fresh instance on a free port, pinned to the server CPU, answering a listed name."""
+    def ready(self, data: bytes) -> bool:
+        """Whether an answer to the start-up probe (A of listset.probe) means "started"; any answer does."""
+        return True
+
+    def start(self, listset: ListSet, ctx: Context, port: int | None = None) -> Instance:
+        """A fresh instance on `port` (a free one by default), pinned to the server CPU, answering a listed
+        name as ready() wants.  Raises StartTimeout after start_limit seconds."""
         name = ctx.next_name(self.kind, listset.key)
-        port = free_port()
+        port = port or free_port()
         launch = self.launch(name, port, listset, ctx)
         started = time.monotonic()
         proc = ctx.procs.start(name, ["taskset", "-c", SERVER_CPU, *launch.command], ctx.tmp / f"{name}.log", ctx.src)
-        startup = wait_until_answering(proc, port, listset.probe, started, 300)
-        return Instance(self.kind, proc, port, startup, launch.metrics_port, launch.log_path)
+        startup = wait_until_answering(proc, port, listset.probe, started, self.start_limit, self.ready)
+        return Instance(self.kind, proc, port, startup, launch.metrics_port, launch.log_path, started)
 
     def answer_checks(self, listset: ListSet) -> list[Check]:
         """The server blocks A, AAAA, subdomains and other types locally, and forwards the rest."""
@@ -168,8 +190,10 @@ class Server:
                 failed.append(f"{name} {qtype}: rcode {rcode} answer {[str(rr.rdata) for rr in reply.rr]}")
         label = f"{instance.kind} / {listset.key}"
         if not failed:
-            return f"{label}: OK (A 0.0.0.0, subdomain AAAA ::, MX NODATA locally, forward {FORWARD_A})"
+            return f"{label}: OK ({self.checked})"
         log(f"answer check {label}: FAILED {failed}")
+        if self.strict:
+            raise BenchError(f"{label} answers wrongly: {failed}")
         if any(f.split(":")[0].endswith((" A", " AAAA")) and "bench.test" not in f for f in failed):
             raise BenchError(f"{label} does not block as configured: {failed}")
         return f"{label}: FAILED " + "; ".join(failed)
@@ -188,6 +212,12 @@ BLOCKD_COUNTERS = (
 )
 
 
+def scrape(instance: Instance) -> list[str]:
+    """blockd's /metrics, as lines.  Raises OSError."""
+    url = f"http://127.0.0.1:{instance.metrics_port}/metrics"
+    return urllib.request.urlopen(url, timeout=5).read().decode().splitlines()
+
+
 @dataclass
 class Blockd(Server):
     """One blockd process (templates/blockd.toml); `metrics` False turns the listener, counting and the log off."""
@@ -198,12 +228,13 @@ class Blockd(Server):
     def launch(self, name: str, port: int, listset: ListSet, ctx: Context) -> Launch:
         metrics_port = free_port() if self.metrics else None
         log_path = ctx.tmp / f"{name}-queries.log"
-        lists = "".join(f'[lists.{n}]\npath = "{p}"\n' for n, p in listset.files.items())
+        lists = self.list_tables(listset)
         conf = ctx.tmp / f"{name}.toml"
         conf.write_text(
             template(
                 "blockd.toml",
                 port=port,
+                state_dir=ctx.tmp / f"{name}-state",
                 upstream_port=ctx.upstream_port,
                 metrics_listen=f"127.0.0.1:{metrics_port}" if self.metrics else "",
                 log_queries="blocked" if self.metrics else "none",
@@ -222,6 +253,10 @@ class Blockd(Server):
             raise BenchError(f"blockd check --config {conf} failed:\n{check.stdout}{check.stderr}")
         return Launch([sys.executable, "-m", "blockd", "run", "--config", str(conf)], metrics_port, log_path)
 
+    def list_tables(self, listset: ListSet) -> str:
+        """The config's [lists.X] tables: one per file of the list set."""
+        return "".join(f'[lists.{n}]\npath = "{p}"\n' for n, p in listset.files.items())
+
     def notes_after_runs(self, instance: Instance, listset: ListSet) -> list[str]:
         if listset.key != "shipped":
             return []
@@ -235,14 +270,10 @@ class Blockd(Server):
         parts = []
         if instance.metrics_port:
             try:
-                url = f"http://127.0.0.1:{instance.metrics_port}/metrics"
-                text = urllib.request.urlopen(url, timeout=5).read().decode()
+                lines = scrape(instance)
                 for metric in BLOCKD_COUNTERS:
-                    values = [
-                        float(line.rsplit(" ", 1)[1])
-                        for line in text.splitlines()
-                        if line.startswith((metric + "{", metric + " "))
-                    ]
+                    prefixes = (metric + "{", metric + " ")
+                    values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefixes)]
                     if values:
                         parts.append(f"{metric} = {sum(values):,.0f}")
             except (OSError, ValueError) as exc:
@@ -313,6 +344,112 @@ class Unbound(Server):
             )
         )
         return Launch([ctx.tools["unbound"], "-d", "-c", str(conf)])
+
+
+# --------------------------------------------------------------------------------------------
+# The RPZ comparison (--rpz): blockd and unbound given one RPZ zone, from its file or from a primary
+
+RCODE_NXDOMAIN = 3
+
+
+def is_nxdomain(data: bytes) -> bool:
+    return len(data) >= 4 and data[3] & 0x0F == RCODE_NXDOMAIN
+
+
+def ask(port: int, name: str, qtype: str = "A", timeout: float = 1.0) -> tuple[int, list[str]] | None:
+    """(rcode, answer RDATA as text) of one UDP query, or None when no answer came within `timeout`."""
+    try:
+        reply = dns_query(port, name, qtype, timeout)
+    except (TimeoutError, OSError):
+        return None
+    return reply.header.rcode, [str(rr.rdata) for rr in reply.rr]
+
+
+def rpz_checks(listset: ListSet) -> list[Check]:
+    """A listed name, its subdomains and its other types are NXDOMAIN; the parent and the rest are forwarded."""
+    listed = listset.domains[len(listset.domains) // 2]
+    parent = ".".join(listed.split(".")[-3:])  # "<tld>.bench.test": never listed (every name has 2+ labels more)
+    forwarded: Callable[[Any], bool] = lambda r: r.header.rcode == 0 and str(r.short()) == FORWARD_A  # noqa: E731
+    return [
+        (listset.probe, "A", lambda r: r.header.rcode == RCODE_NXDOMAIN and not r.rr),
+        (listed, "A", lambda r: r.header.rcode == RCODE_NXDOMAIN and not r.rr),
+        (f"deep.sub.{listed}", "AAAA", lambda r: r.header.rcode == RCODE_NXDOMAIN and not r.rr),
+        (listed, "MX", lambda r: r.header.rcode == RCODE_NXDOMAIN and not r.rr),
+        (parent, "A", forwarded),
+        ("sanity.bench.test", "A", forwarded),
+    ]
+
+
+RPZ_CHECKED = f"listed name A/MX and a subdomain's AAAA NXDOMAIN, its parent and sanity.bench.test forward {FORWARD_A}"
+
+
+@dataclass
+class BlockdRpz(Blockd):
+    """blockd with one RPZ list, `[lists.rpz]`: `path` = the zone file, or `zone` + `primaries` (the zone by
+    AXFR/IXFR from `primary`, the port of a primary on 127.0.0.1, with NOTIFY).  Its own actions
+    (`action = "zone"`, the default for RPZ): `CNAME .` answers NXDOMAIN.  Started means: the probe is NXDOMAIN."""
+
+    strict: ClassVar[bool] = True
+    checked: ClassVar[str] = RPZ_CHECKED
+    primary: int | None = None
+    origin: str = ""
+    start_limit: float = 900.0
+
+    def list_tables(self, listset: ListSet) -> str:
+        if self.primary is None:
+            return super().list_tables(listset)
+        return f'[lists.rpz]\nzone = "{self.origin}"\nprimaries = ["127.0.0.1:{self.primary}"]\n'
+
+    def ready(self, data: bytes) -> bool:
+        return is_nxdomain(data)
+
+    def answer_checks(self, listset: ListSet) -> list[Check]:
+        return rpz_checks(listset)
+
+    def notes_after_runs(self, instance: Instance, listset: ListSet) -> list[str]:
+        return []
+
+
+@dataclass
+class UnboundRpz(Server):
+    """unbound (templates/unbound-rpz.conf), one thread, `module-config: "respip validator iterator"`, one
+    `rpz:` clause: `zonefile:`, or `primary:` + `allow-notify:` (no zonefile: the zone is kept in memory only).
+    Started means: the probe is NXDOMAIN."""
+
+    kind: ClassVar[str] = "unbound"
+    strict: ClassVar[bool] = True
+    checked: ClassVar[str] = RPZ_CHECKED
+    origin: str = ""
+    zonefile: Path | None = None
+    primary: int | None = None
+    start_limit: float = 900.0
+
+    def launch(self, name: str, port: int, listset: ListSet, ctx: Context) -> Launch:
+        if self.primary is not None:
+            source = f"  primary: 127.0.0.1@{self.primary}\n  allow-notify: 127.0.0.1"
+        else:
+            source = f'  zonefile: "{self.zonefile}"'
+        conf = ctx.tmp / f"{name}.conf"
+        conf.write_text(
+            template(
+                "unbound-rpz.conf",
+                port=port,
+                upstream_port=ctx.upstream_port,
+                tmp=ctx.tmp,
+                origin=self.origin,
+                source=source,
+            )
+        )
+        check = subprocess.run([ctx.tools["unbound-checkconf"], str(conf)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise BenchError(f"unbound-checkconf {conf} failed:\n{check.stdout}{check.stderr}")
+        return Launch([ctx.tools["unbound"], "-d", "-c", str(conf)])
+
+    def ready(self, data: bytes) -> bool:
+        return is_nxdomain(data)
+
+    def answer_checks(self, listset: ListSet) -> list[Check]:
+        return rpz_checks(listset)
 
 
 # The table's columns, in this order: the first is the subject, the others are its anchors.

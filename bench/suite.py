@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import BENCH, log
-from data import ListSet, QueryFiles, list_sets, query_files
+from common import BENCH, BenchError, log
+from data import ListSet, QueryFiles, RpzZone, list_sets, query_files, rpz_zone
 from load import FIXED_QPS, Dnsperf, PerfResult, QuietGate
-from procs import CLIENT_CPU, Procs, Snapshot, ensure_py_spy, rss_mb
+from primary import Knot, NotifyListener, start_knot
+from procs import CLIENT_CPU, ConnectionWatch, Procs, Snapshot, ensure_py_spy, free_port, hwm_mb, rss_mb, settle
 from report import ms_list, profile_tables, qps_list, toggle_section
-from servers import TOGGLES, Context, Instance, Toggle, build_servers, start_upstream
+from servers import (
+    FORWARD_A,
+    RCODE_NXDOMAIN,
+    TOGGLES,
+    BlockdRpz,
+    Context,
+    Instance,
+    Server,
+    StartTimeout,
+    Toggle,
+    UnboundRpz,
+    ask,
+    build_servers,
+    scrape,
+    start_upstream,
+)
 
 Figures = dict[str, object]  # metric -> value, for one server and one list set
 
@@ -38,6 +55,9 @@ class Bench:
         self.notes: list[str] = []
         self.sanity: list[str] = []
         self.extra: list[str] = []  # report sections of the optional runs
+        self.rpz: dict[str, Figures] = {}  # --rpz: server -> metric -> value
+        self.rpz_notes: list[str] = []
+        self.rpz_facts: dict[str, object] = {}  # --rpz: the zone and the primary, for the report
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -243,3 +263,179 @@ class Bench:
             py_spy = ensure_py_spy(allow_install=not args.no_install)
             if py_spy:
                 self.profile(sets["shipped"], py_spy)
+
+    # -- the RPZ comparison (--rpz) ---------------------------------------------------------------
+
+    def run_rpz(self) -> None:
+        """blockd and unbound given one generated RPZ zone: loaded from its file; then by AXFR from a real Knot
+        primary, followed by a change of --rpz-changes triggers that reaches them by NOTIFY + IXFR."""
+        args = self.args
+        zone = rpz_zone(self.tmp, args.rpz_size, spares=2 * (args.rpz_changes // 4))  # one change per server
+        self.rpz_facts.update(
+            triggers=zone.triggers, names=len(zone.names), origin=zone.origin, mb=zone.path.stat().st_size / 2**20
+        )
+        self.upstream = start_upstream(self.ctx)
+        limit = args.rpz_timeout
+        file_set = zone.listset("rpz-file", f"RPZ zone file ({zone.triggers:,} triggers)")
+        for server in (
+            BlockdRpz(start_limit=limit),
+            UnboundRpz(origin=zone.origin, zonefile=zone.path, start_limit=limit),
+        ):
+            instance = self.rpz_start(server, file_set, "file")
+            if instance is not None:
+                self.procs.stop(instance.proc)
+        listener = NotifyListener()
+        ports = {"blockd": free_port(), "unbound": free_port()}  # Knot's NOTIFY targets: fixed before it starts
+        try:
+            knot = start_knot(self.ctx, zone, {"bench": listener.port, **ports}, limit)
+            self.rpz_facts.update(knot_startup=knot.startup, knot_rss=knot.rss_load)
+            try:
+                for server in (
+                    BlockdRpz(primary=knot.port, origin=zone.origin, start_limit=limit),
+                    UnboundRpz(primary=knot.port, origin=zone.origin, start_limit=limit),
+                ):
+                    axfr_set = zone.listset("rpz-axfr", f"RPZ zone by AXFR ({zone.triggers:,} triggers)")
+                    instance = self.rpz_start(server, axfr_set, "axfr", ports[server.kind], knot)
+                    if instance is None:
+                        continue
+                    try:
+                        self.rpz_ixfr(instance, knot, zone, listener)
+                    finally:
+                        self.procs.stop(instance.proc)
+                self.rpz_facts["knot_rss_end"] = rss_mb(knot.proc.pid)
+            finally:
+                self.procs.stop(knot.proc)
+        finally:
+            listener.close()
+
+    def rpz_start(
+        self, server: Server, listset: ListSet, how: str, port: int | None = None, knot: Knot | None = None
+    ) -> Instance | None:
+        """A fresh instance until its first blocked answer (NXDOMAIN for the probe); RSS then; the answer check.
+        `how`: "file" or "axfr" (the figures' prefix).  None when unbound timed out (measured and noted)."""
+        kind = server.kind
+        res = self.rpz.setdefault(kind, {})
+        self.quiet.wait(None)
+        log(f"{kind}: starting with the {listset.label}")
+        watch = ConnectionWatch(knot.port) if knot is not None else None
+        offset = knot.log_offset() if knot is not None else 0
+        try:
+            instance = server.start(listset, self.ctx, port)
+        except StartTimeout as exc:
+            if watch is not None:
+                watch.stop()
+            pid = exc.proc.pid
+            res[f"{how}_startup"] = math.inf
+            res[f"{how}_rss"] = rss_mb(pid)
+            res[f"{how}_hwm"] = hwm_mb(pid)
+            self.rpz_notes.append(
+                f"{kind} ({how}): no NXDOMAIN for the probe within {exc.limit:g} s (`--rpz-timeout`); RSS then "
+                f"{res[f'{how}_rss']:.0f} MB; its log ends: `{' / '.join(exc.proc.log_tail(3).splitlines())}`"
+            )
+            log(f"{kind}: no blocked answer within {exc.limit:g}s, RSS {res[f'{how}_rss']:.0f} MB")
+            self.procs.stop(exc.proc)
+            if kind == "blockd":
+                raise
+            return None
+        connected = watch.stop() if watch is not None else None
+        pid = instance.proc.pid
+        res[f"{how}_startup"] = instance.startup
+        res[f"{how}_rss"] = rss_mb(pid)
+        res[f"{how}_hwm"] = hwm_mb(pid)
+        if connected is not None:
+            res["axfr_connect"] = connected - instance.started
+            res["axfr_transfer"] = instance.startup - res["axfr_connect"]
+        log(f"{kind}: first blocked answer after {instance.startup:.2f}s, RSS {res[f'{how}_rss']:.1f} MB")
+        self.sanity.append(server.check_answers(instance, listset))
+        if knot is not None:
+            self.rpz_notes.append(f"{kind}: knot served it " + "; ".join(knot.transfers_since(offset) or ["(no log)"]))
+        return instance
+
+    def rpz_ixfr(self, instance: Instance, knot: Knot, zone: RpzZone, listener: NotifyListener) -> None:
+        """Change --rpz-changes triggers at Knot (half removed, half added), `knotc zone-reload`, and time until
+        the instance answers a newly added name NXDOMAIN; then check every changed name."""
+        kind, pid, port = instance.kind, instance.proc.pid, instance.port
+        res = self.rpz[kind]
+        settle(pid)  # blockd saves its copy of the zone after going live; unbound is idle at once
+        res["settled_rss"] = rss_mb(pid)
+        removed, added = zone.change(self.args.rpz_changes)
+        zone.write(knot.zone_file)
+        offset = knot.log_offset()
+        self.quiet.wait(pid)
+        log(f"{kind}: IXFR of {2 * (len(removed) + len(added)):,} changed triggers, serial {zone.serial}")
+        started = time.monotonic()
+        reload = knot.reload()
+        reloaded: float | None = None
+        old = servfail = silent = 0
+        live = math.inf
+        while time.monotonic() - started < self.args.rpz_timeout:
+            if reloaded is None and reload.poll() is not None:
+                reloaded = time.monotonic()
+            if instance.proc.popen.poll() is not None:
+                raise BenchError(f"{instance.proc.name} died during the IXFR:\n{instance.proc.log_tail()}")
+            answer = ask(port, added[0], "A", 0.05)
+            if answer is None:
+                silent += 1
+            elif answer[0] == RCODE_NXDOMAIN and not answer[1]:
+                live = time.monotonic()
+                break
+            elif answer == (0, [FORWARD_A]):
+                old += 1
+            elif answer[0] == 2:
+                servfail += 1
+            else:
+                raise BenchError(f"{kind}: {added[0]} A answered {answer} during the IXFR (NXDOMAIN or {FORWARD_A})")
+            time.sleep(0.005)
+        output = reload.communicate(timeout=self.args.rpz_timeout)[0]
+        if reload.returncode != 0:
+            raise BenchError(f"knotc -b zone-reload failed ({reload.returncode}): {output.strip()}\n{knot.log_tail()}")
+        reloaded = reloaded or time.monotonic()
+        notified = listener.arrival(zone.serial, started, limit=5.0)
+        res["ixfr_reload"] = reloaded - started
+        res["ixfr_notify"] = (notified - started) if notified is not None else math.nan
+        res["ixfr_after_notify"] = (live - notified) if notified is not None else math.nan
+        res["ixfr_total"] = live - started
+        res["ixfr_rss"] = rss_mb(pid)
+        res["ixfr_hwm"] = hwm_mb(pid)
+        if math.isinf(live):
+            note = f"{kind}: {added[0]} was not blocked {self.args.rpz_timeout:g} s after the zone-reload"
+            if kind == "blockd":
+                raise BenchError(f"{note}:\n{instance.proc.log_tail()}")
+            self.rpz_notes.append(note)
+            return
+        log(
+            f"{kind}: new name blocked {res['ixfr_total']:.3f}s after zone-reload "
+            f"({res['ixfr_after_notify']:.3f}s after knot's NOTIFY; knot reloaded in {res['ixfr_reload']:.2f}s)"
+        )
+        if not old:
+            self.rpz_notes.append(f"{kind}: the IXFR was live before the first probe ({added[0]} never seen unblocked)")
+        if servfail or silent:
+            self.rpz_notes.append(
+                f"{kind}: while the IXFR was applied, {servfail} probes got SERVFAIL and {silent} no answer in 50 ms"
+            )
+        self.rpz_check_change(kind, port, removed, added)
+        time.sleep(0.5)  # knot logs the end of the transfer
+        self.rpz_notes.append(f"{kind}: knot served the change " + "; ".join(knot.transfers_since(offset) or ["?"]))
+        if kind == "blockd" and instance.metrics_port:
+            counted = []
+            for line in scrape(instance):
+                if line.startswith("blockd_zone_transfers_total{"):
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                    counted.append(f"{labels.get('type')} {labels.get('result')} {float(line.split()[-1]):g}")
+            self.rpz_notes.append("blockd counted (blockd_zone_transfers_total) " + (", ".join(counted) or "nothing"))
+
+    def rpz_check_change(self, kind: str, port: int, removed: list[str], added: list[str]) -> None:
+        """Every added name and a subdomain of it NXDOMAIN; every removed one forwarded again."""
+        wrong = []
+        for names, want in ((added, (RCODE_NXDOMAIN, [])), (removed, (0, [FORWARD_A]))):
+            for name in names:
+                for qname in (name, f"www.{name}"):
+                    answer = ask(port, qname, "A", 2.0)
+                    if answer != want:
+                        wrong.append(f"{qname}: {answer} (want {want})")
+        if wrong:
+            raise BenchError(f"{kind} after the IXFR: {len(wrong)} wrong answers, e.g. {wrong[:5]}")
+        self.sanity.append(
+            f"{kind} / rpz-ixfr: OK ({len(added)} added names and their subdomains NXDOMAIN, {len(removed)} removed "
+            f"ones and their subdomains forward {FORWARD_A})"
+        )
