@@ -57,7 +57,8 @@ def check_command(path: Path | None) -> int:
     total = sum(len(lst) for lst in lists.values())
     print(f"{config.source}: OK: {len(config.groups)} groups, {len(lists)} lists, {total} domains")
     for lst in lists.values():
-        print(f"  list {lst.name}: {len(lst)} domains from {lst.path}")
+        note = lst.ignored_note()
+        print(f"  list {lst.name}: {len(lst)} domains from {lst.path}" + (f"; {note}" if note else ""))
     if config.egress.enabled:
         files = ", ".join(str(p) for p in config.egress.prefixes) or "no prefix files"
         print(f"  egress: {len(egress_prefixes)} prefixes from {files}")

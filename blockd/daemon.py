@@ -402,6 +402,9 @@ class Daemon:
         self.reloader.request()
 
     def start(self) -> None:
+        for name, listed in self.policy.current.lists.items():
+            if note := listed.ignored_note():
+                _log.info("list {name}: {note}", name=name, note=note)
         self.services.startService()
         self.reloader.announce()  # a status file from an earlier process must not confuse `blockd reload`
         self.attach_egress()

@@ -73,6 +73,13 @@ class DomainList:
     def __len__(self) -> int:
         return len(self.domains) + len(self.exact) + len(self.below)
 
+    def ignored_note(self) -> str:
+        """RPZ triggers a forwarder cannot apply, counted ("" when none): reported, never an error."""
+        if self.zone is None:
+            return ""
+        counts = [f"{kind} {count}" for kind, count in sorted(self.zone.ignored.items()) if count]
+        return f"ignored (not applicable to a forwarder): {', '.join(counts)}" if counts else ""
+
 
 class ListLoadError(Exception):
     def __init__(self, errors: list[LineError]):

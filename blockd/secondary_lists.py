@@ -198,11 +198,12 @@ class SecondaryLists(service.MultiService):
                 return
             zone = policy.lists[name].zone
             _log.info(
-                "list {name}: zone {zone} serial {serial} live, {count} triggers",
+                "list {name}: zone {zone} serial {serial} live, {count} triggers{note}",
                 name=name,
                 zone=entry.config.zone,
                 serial=zone.soa.serial if zone else "?",
                 count=len(zone) if zone else 0,
+                note=f"; {note}" if (note := policy.lists[name].ignored_note()) else "",
             )
             if zone is not None:
                 threads.deferToThread(zone_store.save, self.state_dir, name, zone).addErrback(

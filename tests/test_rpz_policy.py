@@ -182,6 +182,8 @@ def test_ignored_triggers_are_counted_not_errors(tmp_path: Path) -> None:
     zone = policy.lists["gov-rpz"].zone
     assert zone is not None
     assert zone.ignored["rpz-client-ip"] == 1 and zone.ignored["rpz-nsdname"] == 1
+    note = policy.lists["gov-rpz"].ignored_note()
+    assert note == "ignored (not applicable to a forwarder): rpz-client-ip 1, rpz-nsdname 1"
 
 
 def test_format_detected_and_declared(tmp_path: Path) -> None:
