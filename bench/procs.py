@@ -253,6 +253,13 @@ def cpu_user(cpu: int) -> tuple[int, int]:
     return 0, 0
 
 
+def others_on(cpu: int, first: tuple[int, int], ours: int) -> float:
+    """The share of `cpu` since `first` (cpu_user(cpu) then) that processes outside the benchmark spent in user
+    mode: its user ticks minus `ours` (the user ticks of the benchmark's process pinned to it)."""
+    user, total = (a - b for a, b in zip(cpu_user(cpu), first, strict=True))
+    return max(0.0, (user - ours) / total) if total else 0.0
+
+
 def children_user_ticks() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime * CLK_TCK
 

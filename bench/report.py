@@ -38,7 +38,7 @@ class Row:
     label: str
     listset: str
     key: str
-    unit: str  # qps | us | ms | s | MB
+    unit: str  # qps | us | ms | s | s3 (3 decimals) | MB
     target: str = ""
     check: Callable[[float, float], bool] | None = None  # (blockd, dnsmasq) -> met
 
@@ -78,6 +78,8 @@ def fmt(value: object, unit: str) -> str:
         return f"{value * 1e3:.3f}"
     if unit == "s":
         return f"{value:.2f}"
+    if unit == "s3":
+        return f"{value:.3f}"
     return f"{value:.1f}"
 
 
@@ -391,10 +393,10 @@ def rpz_rows(changes: int) -> list[Row]:
         Row("… of which: that connection until the first blocked answer, s", "", "axfr_transfer", "s"),
         Row("AXFR: RSS after load, MB", "", "axfr_rss", "MB", "<= 0.5x unbound", lambda b, u: b <= 0.5 * u),
         Row("AXFR: RSS once idle (blockd has saved its copy), MB", "", "settled_rss", "MB"),
-        Row(f"{ixfr}: knot's zone-reload until its NOTIFY, ms", "", "ixfr_notify", "ms"),
-        Row(f"{ixfr}: NOTIFY until a newly added name is blocked, ms", "", "ixfr_after_notify", "ms", "< 1 s",
+        Row(f"{ixfr}: knot's zone-reload until its NOTIFY, s", "", "ixfr_notify", "s3"),
+        Row(f"{ixfr}: NOTIFY until a newly added name is blocked, s", "", "ixfr_after_notify", "s3", "< 1 s",
             lambda b, u: b < 1),
-        Row(f"{ixfr}: zone-reload until a newly added name is blocked, ms", "", "ixfr_total", "ms",
+        Row(f"{ixfr}: zone-reload until a newly added name is blocked, s", "", "ixfr_total", "s3",
             "< 1 s (includes knot's reload)", lambda b, u: b < 1),
         Row(f"{ixfr}: RSS after, MB", "", "ixfr_rss", "MB"),
         Row("AXFR + IXFR instance: peak RSS (VmHWM), MB", "", "ixfr_hwm", "MB"),
@@ -452,6 +454,9 @@ def rpz_report(bench: Bench, tools: dict[str, str], started: datetime.datetime, 
         "fastest form; blockd writes its copy to `state_dir`, after going live, in a thread)",
         f"- each server on CPU {SERVER_CPU}, one at a time, fresh process; 'start' is `Popen` of `taskset … "
         "server`, polled every 10 ms with A of a listed name until NXDOMAIN; RSS is VmRSS right then",
+        "- AXFR split at the server's first TCP connection to knot (`/proc/net/tcp`, polled every 5 ms): before it, "
+        "start-up and the wait before the first check (blockd draws up to 5 s at random, `START_SPREAD` in "
+        "`blockd/refresh.py`, so that many zones do not start at once); after it, the transfer and applying it",
         "- IXFR: the bench rewrites knot's zone file with the change and a serial one higher and runs `knotc -b "
         "zone-reload`; knot computes the difference and NOTIFYs; the bench polls A of a newly added name every "
         "5 ms until NXDOMAIN, then checks every added and removed name (and a subdomain of each)",
@@ -461,6 +466,10 @@ def rpz_report(bench: Bench, tools: dict[str, str], started: datetime.datetime, 
         "Ratios are blockd/unbound: below 1 is better (time, memory).",
         "",
         "Notes:",
+        f"- CPU {SERVER_CPU} (the servers') in user mode by processes outside the benchmark during each measurement "
+        "(from `Popen` to the first blocked answer; from the zone-reload to the IXFR's first blocked answer): "
+        + ", ".join(bench.rpz_others)
+        + ". A high share means that figure shared its CPU and is pessimistic.",
         *(f"- {note}" for note in bench.rpz_notes),
         *(f"- answer check {line}" for line in bench.sanity),
     ]

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from common import BENCH, BenchError, log
 from data import ListSet
-from procs import CLIENT_CPU, SERVER_CPU, Proc, Procs, free_port
+from procs import CLIENT_CPU, SERVER_CPU, Proc, Procs, cpu_user, free_port
 
 TEMPLATES = BENCH / "templates"
 FORWARD_A = "192.0.2.1"  # what the fake upstream answers for every name under bench.test.
@@ -113,6 +113,7 @@ class Instance:
     metrics_port: int | None = None
     log_path: Path | None = None
     started: float = 0.0  # time.monotonic() just before Popen
+    cpu_at_start: tuple[int, int] = (0, 0)  # cpu_user(SERVER_CPU) just before Popen
 
 
 @dataclass
@@ -159,10 +160,11 @@ class Server:
         name = ctx.next_name(self.kind, listset.key)
         port = port or free_port()
         launch = self.launch(name, port, listset, ctx)
+        cpu_at_start = cpu_user(int(SERVER_CPU))
         started = time.monotonic()
         proc = ctx.procs.start(name, ["taskset", "-c", SERVER_CPU, *launch.command], ctx.tmp / f"{name}.log", ctx.src)
         startup = wait_until_answering(proc, port, listset.probe, started, self.start_limit, self.ready)
-        return Instance(self.kind, proc, port, startup, launch.metrics_port, launch.log_path, started)
+        return Instance(self.kind, proc, port, startup, launch.metrics_port, launch.log_path, started, cpu_at_start)
 
     def answer_checks(self, listset: ListSet) -> list[Check]:
         """The server blocks A, AAAA, subdomains and other types locally, and forwards the rest."""

@@ -14,7 +14,21 @@ from common import BENCH, BenchError, log
 from data import ListSet, QueryFiles, RpzZone, list_sets, query_files, rpz_zone
 from load import FIXED_QPS, Dnsperf, PerfResult, QuietGate
 from primary import Knot, NotifyListener, start_knot
-from procs import CLIENT_CPU, ConnectionWatch, Procs, Snapshot, ensure_py_spy, free_port, hwm_mb, rss_mb, settle
+from procs import (
+    CLIENT_CPU,
+    SERVER_CPU,
+    ConnectionWatch,
+    Procs,
+    Snapshot,
+    cpu_ticks,
+    cpu_user,
+    ensure_py_spy,
+    free_port,
+    hwm_mb,
+    others_on,
+    rss_mb,
+    settle,
+)
 from report import ms_list, profile_tables, qps_list, toggle_section
 from servers import (
     FORWARD_A,
@@ -58,6 +72,7 @@ class Bench:
         self.rpz: dict[str, Figures] = {}  # --rpz: server -> metric -> value
         self.rpz_notes: list[str] = []
         self.rpz_facts: dict[str, object] = {}  # --rpz: the zone and the primary, for the report
+        self.rpz_others: list[str] = []  # --rpz: "blockd, file: 3%": others' share of the server CPU meanwhile
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -339,6 +354,8 @@ class Bench:
             return None
         connected = watch.stop() if watch is not None else None
         pid = instance.proc.pid
+        others = others_on(int(SERVER_CPU), instance.cpu_at_start, cpu_ticks(pid, user_only=True))
+        self.rpz_others.append(f"{kind} {how} {others:.0%}")
         res[f"{how}_startup"] = instance.startup
         res[f"{how}_rss"] = rss_mb(pid)
         res[f"{how}_hwm"] = hwm_mb(pid)
@@ -363,6 +380,7 @@ class Bench:
         offset = knot.log_offset()
         self.quiet.wait(pid)
         log(f"{kind}: IXFR of {2 * (len(removed) + len(added)):,} changed triggers, serial {zone.serial}")
+        cpu_first, ticks_first = cpu_user(int(SERVER_CPU)), cpu_ticks(pid, user_only=True)
         started = time.monotonic()
         reload = knot.reload()
         reloaded: float | None = None
@@ -386,6 +404,8 @@ class Bench:
             else:
                 raise BenchError(f"{kind}: {added[0]} A answered {answer} during the IXFR (NXDOMAIN or {FORWARD_A})")
             time.sleep(0.005)
+        others = others_on(int(SERVER_CPU), cpu_first, cpu_ticks(pid, user_only=True) - ticks_first)
+        self.rpz_others.append(f"{kind} IXFR {others:.0%}")
         output = reload.communicate(timeout=self.args.rpz_timeout)[0]
         if reload.returncode != 0:
             raise BenchError(f"knotc -b zone-reload failed ({reload.returncode}): {output.strip()}\n{knot.log_tail()}")
