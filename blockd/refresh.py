@@ -100,7 +100,9 @@ class RefreshSchedule:
         if copy_age is not None:
             self.last_success = now - max(copy_age, 0.0)
             self.timers = timers
-        self._due = now + START_SPREAD * _fraction(jitter)
+        # With a copy, spread the first checks of many zones; without one the zone blocks
+        # nothing until it arrives: fetch it at once.
+        self._due = now + (START_SPREAD * _fraction(jitter) if copy_age is not None else 0.0)
 
     def begin(self, now: float) -> None:
         """A check starts now."""

@@ -60,10 +60,17 @@ def test_start_without_a_copy_checks_at_once() -> None:
     assert not schedule.has_copy and not schedule.expired(10**9)
 
 
-def test_start_jitter_spreads_the_first_check_over_5_seconds() -> None:
+def test_start_jitter_spreads_the_first_check_over_5_seconds_when_a_copy_serves() -> None:
     schedule = RefreshSchedule()
-    schedule.start(100.0, jitter=0.5)
+    schedule.start(100.0, copy_age=10.0, jitter=0.5)
     assert schedule.next_check(100.0) == 102.5
+
+
+def test_start_without_a_copy_is_not_spread() -> None:
+    """With nothing to serve, waiting only delays the first block."""
+    schedule = RefreshSchedule()
+    schedule.start(100.0, jitter=0.9)
+    assert schedule.next_check(100.0) == 100.0
 
 
 @pytest.mark.parametrize(("age", "expired"), [(0, False), (86399, False), (86400, True), (10**6, True)])
