@@ -74,7 +74,8 @@ def apply_result(
     where = f"zone {origin}"
     if isinstance(result, FullZone):
         new = rpz.new_zone(origin, rpz.Soa(0, "", "", 0, 0, 0, 0, 0))
-        _add_all(new, [result.soa, *result.records], where)
+        _add_all(new, [result.soa], where)
+        _consume(new, result.records, where)
         return new
     if zone is None:
         raise PolicyError([f"{where}: an IXFR without a copy to apply it to"])
@@ -97,6 +98,19 @@ def apply_result(
             ]
         )
     return new
+
+
+def _consume(zone: rpz.PolicyZone, records: list[Record], where: str) -> None:
+    """Add a full zone's records, emptying the list from its end as they go in: the memory of
+    the records already added is free for the zone's own entries (a million-record AXFR would
+    otherwise hold both at once, and the process would keep that peak as its size)."""
+    while records:
+        chunk = records[-_CONSUME_CHUNK:]
+        del records[-_CONSUME_CHUNK:]
+        _add_all(zone, chunk, where)
+
+
+_CONSUME_CHUNK = 20_000
 
 
 def _add_all(zone: rpz.PolicyZone, records: Iterable[Record], where: str) -> None:
