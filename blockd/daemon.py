@@ -359,6 +359,7 @@ class Daemon:
         for key, value in live_values(config):
             self._appliers[key](value)
         self.config = config
+        _log_ignored_triggers(policy)
 
     def _go_live(self, policy: Policy, config: Config) -> None:
         """Swap in a validated policy: after a reload, or a list update (an applied transfer)."""
@@ -403,9 +404,7 @@ class Daemon:
         self.reloader.request()
 
     def start(self) -> None:
-        for name, listed in self.policy.current.lists.items():
-            if note := listed.ignored_note():
-                _log.info("list {name}: {note}", name=name, note=note)
+        _log_ignored_triggers(self.policy.current)
         self.services.startService()
         self.reloader.announce()  # a status file from an earlier process must not confuse `blockd reload`
         self.attach_egress()
@@ -439,6 +438,13 @@ class Daemon:
     def stop(self) -> defer.Deferred[object]:
         self.ready = False
         return defer.maybeDeferred(self.services.stopService)
+
+
+def _log_ignored_triggers(policy: Policy) -> None:
+    """Once per load: the RPZ triggers a forwarder cannot apply (reported, never an error)."""
+    for name, listed in policy.lists.items():
+        if note := listed.ignored_note():
+            _log.info("list {name}: {note}", name=name, note=note)
 
 
 def _learnable(answer: bytes) -> tuple[tuple[IPAddress, ...], float]:

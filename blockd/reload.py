@@ -127,9 +127,6 @@ class Reloader:
         duration = self.monotonic() - started
         sizes = ", ".join(f"{name}={len(lst)}" for name, lst in policy.lists.items())
         _log.info("reload succeeded in {seconds:.3f}s: {sizes}", seconds=duration, sizes=sizes)
-        for name, lst in policy.lists.items():
-            if note := lst.ignored_note():
-                _log.info("list {name}: {note}", name=name, note=note)
         self._record(covering, "success", [], duration)
 
     def _failed(self, failure: Any, covering: int, started: float) -> None:
