@@ -59,6 +59,9 @@ class StartTimeout(BenchError):
         self.limit = limit
 
 
+PROBE_INTERVAL = 0.01  # seconds between start-up probes that got an answer
+
+
 def wait_until_answering(
     proc: Proc, port: int, name: str, started: float, limit: float, ready: Callable[[bytes], bool] | None = None
 ) -> float:
@@ -79,6 +82,9 @@ def wait_until_answering(
                 data = sock.recv(4096)
                 if data[:2] == query[:2] and (ready is None or ready(data)):
                     return time.monotonic() - started
+                # Answered, but not as wanted yet (a server loading a zone while it serves): poll
+                # every 10 ms, not as fast as it answers, which would load the server under test.
+                time.sleep(PROBE_INTERVAL)
             except (TimeoutError, ConnectionRefusedError, OSError):
                 pass
 
