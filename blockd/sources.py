@@ -93,7 +93,7 @@ def _names_no_origin(head: list[str]) -> bool:
 
 
 def _detect_format(path: Path) -> str:
-    """"rpz" when the file starts like a zone file ($ORIGIN or an SOA record), else "list"."""
+    """ "rpz" when the file starts like a zone file ($ORIGIN or an SOA record), else "list"."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
             head = [line for _, line in zip(range(_HEAD_LINES), handle, strict=False)]

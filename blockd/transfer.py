@@ -34,7 +34,7 @@ import ipaddress
 import random
 import secrets
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer, protocol
@@ -46,6 +46,7 @@ from blockd.config import Endpoint
 from blockd.framing import FrameReader, frame
 from blockd.refresh import RefreshSchedule, TimerLimits, Timers
 from blockd.tsig_key import TsigKey
+from blockd.upstream import TCPClientReactor
 from blockd.xfr import (
     FullZone,
     Incremental,
@@ -82,23 +83,8 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 _log = Logger()
 
 
-class TransferReactor(Protocol):
-    """What a transfer uses of the reactor: IReactorTCP and IReactorTime, in part."""
-
-    def connectTCP(  # noqa: N802 (Twisted API)
-        self,
-        host: str,
-        port: int,
-        factory: protocol.ClientFactory,
-        timeout: float = 30.0,
-        bindAddress: tuple[str, int] | None = None,  # noqa: N803 (Twisted API)
-    ) -> IConnector: ...
-
-    def callLater(  # noqa: N802 (Twisted API)
-        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
-    ) -> IDelayedCall: ...
-
-    def seconds(self) -> float: ...
+# What a transfer uses of the reactor: a TCP connection and timers (as the upstream client's TCP).
+TransferReactor = TCPClientReactor
 
 
 class TransferError(Exception):

@@ -31,12 +31,8 @@ MAX_UDP_ANSWER = 65535
 _log = Logger()
 
 
-class UpstreamReactor(Protocol):
-    """What Upstreams uses of the reactor: IReactorFDSet, IReactorTCP and IReactorTime, in part."""
-
-    def addReader(self, reader: IReadDescriptor) -> None: ...  # noqa: N802 (Twisted API)
-
-    def removeReader(self, reader: IReadDescriptor) -> None: ...  # noqa: N802 (Twisted API)
+class TCPClientReactor(Protocol):
+    """What a TCP client of blockd's uses of the reactor: IReactorTCP and IReactorTime, in part."""
 
     def connectTCP(  # noqa: N802 (Twisted API)
         self,
@@ -50,6 +46,16 @@ class UpstreamReactor(Protocol):
     def callLater(  # noqa: N802 (Twisted API)
         self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
     ) -> IDelayedCall: ...
+
+    def seconds(self) -> float: ...
+
+
+class UpstreamReactor(TCPClientReactor, Protocol):
+    """What Upstreams uses of the reactor: IReactorFDSet too, for its UDP sockets."""
+
+    def addReader(self, reader: IReadDescriptor) -> None: ...  # noqa: N802 (Twisted API)
+
+    def removeReader(self, reader: IReadDescriptor) -> None: ...  # noqa: N802 (Twisted API)
 
 
 class UpstreamError(Exception):

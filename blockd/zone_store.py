@@ -53,4 +53,3 @@ def load(state_dir: Path, list_name: str, origin: str, now: float | None = None)
     if zone is None:
         raise ValueError("; ".join(str(e) for e in errors[:3]) or f"{path}: not a zone")
     return StoredZone(zone, max(0.0, (time.time() if now is None else now) - modified))
-

@@ -9,10 +9,6 @@ them by PID.
 from __future__ import annotations
 
 import base64
-import os
-import shutil
-import signal
-import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,13 +23,9 @@ import pytest
 
 from tests.daemon import GOV, OTHER, Daemon, free_port, rcode_name
 from tests.fakeupstream import FakeUpstream
+from tests.knot import Knot, needs_knot
 
-KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
-KNOTC = shutil.which("knotc") or "/usr/sbin/knotc"
-pytestmark = pytest.mark.skipif(
-    not (os.access(KNOTD, os.X_OK) and os.access(KNOTC, os.X_OK)),
-    reason="Knot DNS is not installed (apt-get install knot): knotd and knotc are needed",
-)
+pytestmark = needs_knot
 ZONE = "rpz.gov.test"
 SECRET = base64.b64encode(b"blockd-e2e-rpz-secret-32-bytes!!").decode()
 WRONG = base64.b64encode(b"not-the-secret-the-primary-has!!").decode()
@@ -108,50 +100,6 @@ lists = ["gov-rpz", "later"]
 
 
 @dataclass
-class Knot:
-    dir: Path
-    port: int
-    conf: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [KNOTD, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
-
-    def knotc(self, *args: str) -> str:
-        done = subprocess.run([KNOTC, "-c", str(self.conf), *args], capture_output=True, text=True, timeout=20)
-        return done.stdout + done.stderr
-
-    def write_zone(self, serial: int, extra: str = "") -> None:
-        (self.dir / f"{ZONE}.zone").write_text(ZONE_FILE.format(serial=serial, extra=extra))
-
-    def wait_for_serial(self, serial: int) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(f"knotd exited with {self.process.returncode}: {self.log()}")
-            if f"serial: {serial}" in self.knotc("zone-status", f"{ZONE}."):
-                return
-            time.sleep(0.05)
-        pytest.fail(f"knotd did not load serial {serial}: {self.log()}")
-
-    def log(self) -> str:
-        path = self.dir / "knot.log"
-        return path.read_text()[-3000:] if path.exists() else "(no log)"
-
-
-@dataclass
 class Site:
     knot: Knot
     blockd: Daemon
@@ -196,7 +144,7 @@ def site(tmp_path: Path) -> Iterator[Callable[..., Site]]:
         conf.write_text(
             KNOT_CONF.format(dir=knot_dir, port=knot_port, secret=SECRET, zone=ZONE, blockd_port=blockd_port)
         )
-        knot = started[0].knot if started else Knot(knot_dir, knot_port, conf)
+        knot = started[0].knot if started else Knot(knot_dir, knot_port, conf, ZONE, ZONE_FILE)
         if start_knot and (knot.process is None or knot.process.poll() is not None):
             if not (knot_dir / f"{ZONE}.zone").exists():
                 knot.write_zone(1)

@@ -14,11 +14,6 @@ by its PID when its test ends, passed or failed.  Skipped with the reason when k
 from __future__ import annotations
 
 import base64
-import os
-import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +33,7 @@ from blockd.transfer import SecondaryZone, TransferError, ZoneTransfer
 from blockd.tsig_key import TsigKey, load_key_file, to_dnspython
 from blockd.xfr import FullZone, Incremental, Refused, TsigError, UpToDate, XfrError, XfrResult
 from tests.daemon import free_port
+from tests.knot import Knot, needs_knot
 from tests.test_xfr import AXFR, KEY, NOW, RPZ_KEYS, ZONE, response, sign_chain, soa, split
 
 PRIMARY = Endpoint("192.0.2.53", 53)
@@ -204,12 +200,6 @@ def test_cancel_closes_the_connection() -> None:
 
 # --- against Knot ------------------------------------------------------------------------------
 
-KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
-KNOTC = shutil.which("knotc") or "/usr/sbin/knotc"
-needs_knot = pytest.mark.skipif(
-    not (os.access(KNOTD, os.X_OK) and os.access(KNOTC, os.X_OK)),
-    reason="Knot DNS is not installed (apt-get install knot): knotd and knotc are needed",
-)
 KNOT_ZONE = "rpz.knot.test"
 SECRET = base64.b64encode(b"blockd-knot-test-secret-32-bytes").decode()
 
@@ -261,37 +251,12 @@ zone:
 
 
 @dataclass
-class Knot:
-    dir: Path
-    port: int
-    conf: Path
-    process: subprocess.Popen[bytes]
-    key: TsigKey
-
-    def knotc(self, *args: str) -> str:
-        done = subprocess.run([KNOTC, "-c", str(self.conf), *args], capture_output=True, text=True, timeout=20)
-        return done.stdout + done.stderr
-
-    def write_zone(self, serial: int, extra: str = "") -> None:
-        (self.dir / f"{KNOT_ZONE}.zone").write_text(ZONE_FILE.format(serial=serial, extra=extra))
-
-    def wait_for_serial(self, serial: int) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"knotd exited with {self.process.returncode}: {self.log()}")
-            if f"serial: {serial}" in self.knotc("zone-status", f"{KNOT_ZONE}."):
-                return
-            time.sleep(0.05)
-        pytest.fail(f"knotd did not load serial {serial}: {self.log()}")
-
-    def log(self) -> str:
-        path = self.dir / "knot.log"
-        return path.read_text()[-3000:] if path.exists() else "(no log)"
+class SignedKnot(Knot):
+    key: TsigKey | None = None  # the key blockd signs with, read from a BIND key file
 
 
 @pytest.fixture
-def knot(tmp_path: Path) -> Iterator[Knot]:
+def knot(tmp_path: Path) -> Iterator[SignedKnot]:
     (tmp_path / "run").mkdir()
     (tmp_path / "storage").mkdir()
     port = free_port()
@@ -299,21 +264,14 @@ def knot(tmp_path: Path) -> Iterator[Knot]:
     conf.write_text(KNOT_CONF.format(dir=tmp_path, port=port, secret=SECRET, zone=KNOT_ZONE))
     # blockd reads the same key from a BIND key file, as an operator would configure it.
     (tmp_path / "rpz.key").write_text(f'key "rpz-key" {{\n    algorithm hmac-sha256;\n    secret "{SECRET}";\n}};\n')
-    key = load_key_file(tmp_path / "rpz.key")
-    process = subprocess.Popen([KNOTD, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = Knot(tmp_path, port, conf, process, key)
+    server = SignedKnot(tmp_path, port, conf, KNOT_ZONE, ZONE_FILE, key=load_key_file(tmp_path / "rpz.key"))
+    server.write_zone(1)
+    server.start()
     try:
-        server.write_zone(1)
         server.wait_for_serial(1)
         yield server
     finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=5)
+        server.stop()
 
 
 def transfer_from(knot: Knot, serial: int | None, key: TsigKey | None) -> object:
