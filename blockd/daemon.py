@@ -165,6 +165,7 @@ class Daemon:
             on_error=self.metrics.query_log_errors.inc,
             on_drop=self.metrics.query_log_dropped.inc,
             on_line=self.metrics.query_log_lines.inc,
+            clock_ns=time.time_ns,  # the log says when, on the wall clock
         )
         self.cache = AnswerCache(config.cache.size, config.cache.min_ttl, config.cache.max_ttl)
         self.metrics.registry.register(CacheCollector(self.cache))
@@ -199,6 +200,9 @@ class Daemon:
             apply=self._apply,
             on_result=self._record_reload,
             status_path=status_path_for(config.server.pidfile) if config.server.pidfile else None,
+            run_in_thread=threads.deferToThread,
+            wall_clock=time.time,
+            monotonic=time.monotonic,
         )
         self.reloader.swap = lambda policy: self._go_live(policy, self.config)
 
