@@ -146,7 +146,7 @@ def parse_lines(lines: Iterable[str], path: str) -> tuple[set[str], list[LineErr
         if plain(text) is not None:
             add(text.rstrip("\r\n"))
             continue
-        bad_byte = _undecodable_byte(text)
+        bad_byte = undecodable_byte(text)
         if bad_byte is not None:
             errors.append(LineError(path, number, f"not UTF-8 text: invalid byte 0x{bad_byte:02x}"))
             continue
@@ -157,7 +157,8 @@ def parse_lines(lines: Iterable[str], path: str) -> tuple[set[str], list[LineErr
     return domains, errors
 
 
-def _undecodable_byte(text: str) -> int | None:
+def undecodable_byte(text: str) -> int | None:
+    """The first byte a surrogateescape-decoded line could not decode, or None."""
     # load_list decodes with surrogateescape so that a bad byte costs its line, not the whole
     # file's error report; each such byte shows up as a lone surrogate U+DC80..U+DCFF.
     if text.isascii():
@@ -168,6 +169,13 @@ def _undecodable_byte(text: str) -> int | None:
     return None
 
 
+def file_signature(fd: int) -> tuple[int, ...]:
+    """(device, inode, size, mtime_ns, ctime_ns) of the file actually opened: an unchanged file is not
+    parsed again on reload, and a rename after the open is seen next time."""
+    info = os.fstat(fd)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 def load_list(name: str, path: Path, display_path: str | None = None, previous: DomainList | None = None) -> DomainList:
     """Read and parse one list file; raises ListLoadError naming file:line for every bad line.
 
@@ -176,9 +184,7 @@ def load_list(name: str, path: Path, display_path: str | None = None, previous: 
     shown = display_path or str(path)
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            # The signature of the file actually opened, so a rename after this point is seen next time.
-            info = os.fstat(handle.fileno())
-            signature = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            signature = file_signature(handle.fileno())
             if previous is not None and previous.signature == signature and previous.path == shown:
                 return DomainList(name, shown, previous.domains, signature)
             domains, errors = parse_lines(handle, shown)

@@ -59,7 +59,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
-from blockd.lists import LineError
+from blockd.lists import LineError, undecodable_byte
 from blockd.names import key_from_wire_labels
 
 RPZ_ACTIONS = ("nxdomain", "nodata", "passthru", "drop", "tcp-only", "local-data")
@@ -843,16 +843,6 @@ def _fields(tokens: list[str]) -> tuple[int | None, int, list[str]]:
     return ttl, _type_value(tokens[at]), tokens[at + 1 :]
 
 
-def _bad_byte(text: str) -> int | None:
-    # Files are decoded with surrogateescape: an undecodable byte is a lone surrogate U+DC80..U+DCFF.
-    if text.isascii():
-        return None
-    for char in text:
-        if 0xDC80 <= ord(char) <= 0xDCFF:
-            return ord(char) - 0xDC00
-    return None
-
-
 class _ZoneParser:
     """The state of reading one master file: origin, default TTL, previous owner, open parentheses."""
 
@@ -906,7 +896,7 @@ class _ZoneParser:
 
     def line(self, number: int, text: str) -> None:
         try:
-            bad = _bad_byte(text)
+            bad = undecodable_byte(text)
             if bad is not None:
                 raise _Problem(f"not UTF-8 text: invalid byte 0x{bad:02x}")
             line = text.rstrip("\r\n")

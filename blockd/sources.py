@@ -13,12 +13,11 @@ trigger's action.  Pure: reads files, no sockets, no clock.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from blockd.config import ListConfig
-from blockd.lists import DomainList, LineError, ListLoadError, load_list
+from blockd.lists import DomainList, LineError, ListLoadError, file_signature, load_list
 from blockd.rpz import PolicyZone, looks_like_zone_file, parse_zone_file
 
 _HEAD_LINES = 50
@@ -64,8 +63,7 @@ def _load_zone_file(config: ListConfig, path: Path, previous: DomainList | None)
     shown = str(path)
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            info = os.fstat(handle.fileno())
-            signature = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            signature = file_signature(handle.fileno())
             if previous is not None and previous.signature == signature and previous.path == shown and previous.rpz:
                 return previous
             head = [line for _, line in zip(range(_HEAD_LINES), handle, strict=False)]
