@@ -85,17 +85,17 @@ class CpuSample:
     cpu0: tuple[int, int]  # (user + nice, all) of CPU 0 and CPU 1
     cpu1: tuple[int, int]
     children_user: float  # dnsperf and every other child this script has waited for
-    upstream_user: int  # the fake upstream, when it is not the server under test
+    helpers_user: int  # the fake upstream (when it is not the server under test) and the dnstap collector
 
     @classmethod
-    def take(cls, pid: int, upstream: int | None) -> CpuSample:
+    def take(cls, pid: int, helpers: list[int]) -> CpuSample:
         return cls(
             cpu_ticks(pid),
             cpu_ticks(pid, user_only=True),
             cpu_user(0),
             cpu_user(1),
             children_user_ticks(),
-            cpu_ticks(upstream, user_only=True) if upstream else 0,
+            sum(cpu_ticks(helper, user_only=True) for helper in helpers),
         )
 
 
@@ -105,7 +105,7 @@ def others_share(first: CpuSample, last: CpuSample) -> tuple[float, float]:
     user0, all0 = (a - b for a, b in zip(last.cpu0, first.cpu0, strict=True))
     user1, all1 = (a - b for a, b in zip(last.cpu1, first.cpu1, strict=True))
     ours0 = last.server_user - first.server_user  # the server under test
-    ours1 = last.children_user - first.children_user + last.upstream_user - first.upstream_user  # dnsperf + upstream
+    ours1 = last.children_user - first.children_user + last.helpers_user - first.helpers_user  # dnsperf + helpers
     return (max(0.0, (user0 - ours0) / all0) if all0 else 0.0, max(0.0, (user1 - ours1) / all1) if all1 else 0.0)
 
 
@@ -151,13 +151,14 @@ class Dnsperf:
         qps: int | None = None,
         verbose: bool = False,
         max_runs: int | None = None,
-        upstream: Proc | None = None,
+        helpers: tuple[Proc, ...] = (),
     ) -> PerfResult:
-        """One dnsperf run against `server` on `port`, with the server's CPU time per answer."""
+        """One dnsperf run against `server` on `port`, with the server's CPU time per answer.  `helpers` run on the
+        client CPU for the benchmark (the fake upstream, the dnstap collector): not "others" there."""
         command = self.command(port, query_file, duration, qps, verbose, max_runs)
         pid = server.pid
-        upstream_pid = upstream.pid if upstream is not None and upstream.pid != pid else None
-        first = CpuSample.take(pid, upstream_pid)
+        helper_pids = [helper.pid for helper in helpers if helper.pid != pid]
+        first = CpuSample.take(pid, helper_pids)
         done = subprocess.run(
             command,
             capture_output=True,
@@ -165,7 +166,7 @@ class Dnsperf:
             timeout=duration + self.timeout + 60,
             preexec_fn=die_with_parent,
         )
-        last = CpuSample.take(pid, upstream_pid)
+        last = CpuSample.take(pid, helper_pids)
         others = others_share(first, last)
         if done.returncode != 0 or "Queries sent" not in done.stdout:
             raise BenchError(f"dnsperf failed ({done.returncode}): {shlex.join(command)}\n{done.stderr[-2000:]}")
@@ -182,10 +183,10 @@ class Dnsperf:
         return result
 
     def paced(
-        self, server: Proc, port: int, query_file: Path, duration: float, upstream: Proc | None = None
+        self, server: Proc, port: int, query_file: Path, duration: float, helpers: tuple[Proc, ...] = ()
     ) -> PerfResult:
         """A run at FIXED_QPS with one latency line per response (`-Q FIXED_QPS -v`), for true percentiles."""
-        return self.run(server, port, query_file, duration, qps=FIXED_QPS, verbose=True, upstream=upstream)
+        return self.run(server, port, query_file, duration, qps=FIXED_QPS, verbose=True, helpers=helpers)
 
 
 class QuietGate:

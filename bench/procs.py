@@ -61,16 +61,36 @@ def ensure_tools(allow_install: bool) -> dict[str, str]:
 
 def ensure_knot(allow_install: bool) -> dict[str, str]:
     """knotd and knotc (Debian's `knot`), for the RPZ comparison's primary; exits 2 with instructions."""
-    wanted = ("knotd", "knotc")
+    return _ensure_package(
+        ("knotd", "knotc"),
+        "knot",
+        allow_install,
+        "--rpz needs Knot DNS (knotd, knotc) as the primary",
+        "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y knot && sudo systemctl disable --now knot",
+    )
+
+
+def ensure_fstrm(allow_install: bool) -> dict[str, str]:
+    """fstrm_capture (Debian's `fstrm-bin`), the dnstap collector of --dnstap; exits 2 with instructions."""
+    return _ensure_package(
+        ("fstrm_capture",),
+        "fstrm-bin",
+        allow_install,
+        "--dnstap needs fstrm_capture as the dnstap collector",
+        "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y fstrm-bin",
+    )
+
+
+def _ensure_package(
+    wanted: tuple[str, ...], package: str, allow_install: bool, why: str, install: str
+) -> dict[str, str]:
+    """The `wanted` executables of one Debian package: installed with apt-get when missing and allowed (as
+    root); otherwise missing ones end the run with status 2 and the `install` command."""
     if any(which(exe) is None for exe in wanted) and allow_install and os.geteuid() == 0 and which("apt-get"):
-        _apt_install(["knot"])
+        _apt_install([package])
     paths = {exe: which(exe) for exe in wanted}
     if any(path is None for path in paths.values()):
-        print(
-            "bench: --rpz needs Knot DNS (knotd, knotc) as the primary; install it (Debian/Ubuntu) with:\n"
-            "  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y knot && sudo systemctl disable --now knot",
-            file=sys.stderr,
-        )
+        print(f"bench: {why}; install it (Debian/Ubuntu) with:\n  {install}", file=sys.stderr)
         sys.exit(2)
     return {exe: path for exe, path in paths.items() if path is not None}
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from data import ListSet
 from load import FIXED_QPS, PerfResult
 from procs import CLIENT_CPU, SERVER_CPU
-from servers import FORWARD_A, SERVERS, Toggle
+from servers import FORWARD_A, SERVERS, TOGGLES, Toggle
 
 if TYPE_CHECKING:
     from suite import Bench
@@ -173,26 +173,81 @@ def runs_section(bench: Bench) -> list[str]:
 # Sections of the optional runs
 
 
-def toggle_section(toggle: Toggle, listset: ListSet, figures: dict[bool, list[PerfResult]]) -> list[str]:
-    """The on-vs-off comparison: best blocked qps and CPU per query of each configuration."""
+def toggle_section(
+    toggle: Toggle,
+    listset: ListSet,
+    figures: dict[bool, list[PerfResult]],
+    facts: dict[bool, list[dict[str, float]]] | None = None,
+) -> list[str]:
+    """The on-vs-off comparison: best blocked qps and CPU per query of each configuration, the toggle's target,
+    and what the "on" instances reported of their runs (dnstap: the frames)."""
     on_qps = max(r.qps for r in figures[True])
     off_qps = max(r.qps for r in figures[False])
-    on_cpu = min(r.cpu_us for r in figures[True])
-    off_cpu = min(r.cpu_us for r in figures[False])
+    on_cpu = min(r.cpu_us or math.inf for r in figures[True])
+    off_cpu = min(r.cpu_us or math.inf for r in figures[False])
     runs = len(figures[True])
-    return [
+    ratio = on_qps / off_qps if off_qps else math.nan
+    target = ""
+    if toggle.target is not None:
+        met = "met" if ratio >= toggle.target else "**MISSED**"
+        target = f" | >= {toggle.target:g}x: {met}"
+    lines = [
         "",
         f"### {toggle.kind}: {toggle.title} on vs off ({listset.label}, blocked answers)",
         "",
         f"Fresh instances alternating on, off (x{runs}); best of {runs} each "
         f"(on: {qps_list(figures[True])} qps; off: {qps_list(figures[False])} qps).",
         "",
-        f"| {toggle.kind} config | blocked qps | CPU µs/query |",
-        "|---|---:|---:|",
-        f"| {toggle.on_config} | {on_qps:,.0f} | {on_cpu:.1f} |",
-        f"| {toggle.off_config} | {off_qps:,.0f} | {off_cpu:.1f} |",
-        f"| on / off | {on_qps / off_qps:.2f}x | {on_cpu / off_cpu:.2f}x |",
+        f"| {toggle.kind} config | blocked qps | CPU µs/query |" + (" target (on / off qps) |" if target else ""),
+        "|---|---:|---:|" + ("---|" if target else ""),
+        f"| {toggle.on_config} | {on_qps:,.0f} | {on_cpu:.1f} |" + (" |" if target else ""),
+        f"| {toggle.off_config} | {off_qps:,.0f} | {off_cpu:.1f} |" + (" |" if target else ""),
+        f"| on / off | {ratio:.2f}x | {on_cpu / off_cpu:.2f}x{target} |",
     ]
+    on_facts = (facts or {}).get(True, [])
+    if any("frames_sent" in f for f in on_facts):
+        lines += dnstap_lines(figures[True], on_facts)
+    return lines
+
+
+def dnstap_lines(runs: list[PerfResult], facts: list[dict[str, float]]) -> list[str]:
+    """Each "on" instance's dnstap frames: what blockd counted once its queue drained, what it answered (two
+    frames per query with `messages = "all"`), and what fstrm_capture wrote once stopped with SIGTERM."""
+    sent = sum(f["frames_sent"] for f in facts)
+    dropped = sum(f["frames_dropped"] for f in facts)
+    lines = [
+        "",
+        'dnstap frames of each "on" instance (its warm-up, its measured run, its answer check and start-up '
+        "probes): blockd's `blockd_dnstap_frames_total` once its queue had drained, twice the queries it answered "
+        "(`blockd_dns_queries_total`: CLIENT_QUERY + CLIENT_RESPONSE each), and the data frames in fstrm_capture's "
+        "file once blockd and then fstrm_capture were stopped (SIGTERM).",
+        "",
+        "| on run | blocked qps | frames sent | frames dropped | 2 x answered | frames in the file | file, MB "
+        "| file complete (ends with STOP) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for index, (run, fact) in enumerate(zip(runs, facts, strict=True), 1):
+        lines.append(
+            f"| {index} | {run.qps:,.0f} | {fact['frames_sent']:,.0f} | {fact['frames_dropped']:,.0f} "
+            f"| {2 * fact['queries']:,.0f} | {fact['capture_frames']:,.0f} | {fact['capture_bytes'] / 2**20:.1f} "
+            f"| {'yes' if fact['capture_complete'] else '**no**'} (fstrm_capture exit {fact['capture_rc']:g}) |"
+        )
+    lines.append("")
+    if dropped:
+        lines.append(
+            f'**{dropped:,.0f} frames were dropped** ({sent:,.0f} sent): blockd shed dnstap work, so the "on" '
+            "figure is not the cost of streaming every lookup and the ratio is **meaningless**."
+        )
+    elif any(f["capture_frames"] != f["frames_sent"] or 2 * f["queries"] != f["frames_sent"] for f in facts):
+        lines.append(
+            f"Frames sent {sent:,.0f}, dropped 0, but the counts above disagree (sent vs 2 x answered vs the "
+            "file): read the ratio with care."
+        )
+    else:
+        lines.append(
+            f"Frames sent {sent:,.0f}, dropped 0: every answered query reached fstrm_capture as its two frames."
+        )
+    return lines
 
 
 def profile_tables(raw: Path, title: str, result: PerfResult, copy: Path, args: argparse.Namespace) -> list[str]:
@@ -365,6 +420,45 @@ def report(bench: Bench, tools: dict[str, str], started: datetime.datetime, elap
     lost = losses(bench)
     if lost:
         body.append("- dnsperf lost queries (timeouts > 2 s or drops) in saturated runs: " + ", ".join(lost))
+    if bench.quiet.waits:
+        body.append(
+            f"- waited {bench.quiet.waited:.0f}s in all ({bench.quiet.waits} times) for other processes to leave the "
+            f"CPUs before a measured run (`--quiet-wait {args.quiet_wait:g}`, budget {args.quiet_budget:g}s)"
+        )
+    body += bench.extra
+    body += runs_section(bench)
+    return "\n".join(body) + "\n"
+
+
+def toggles_report(bench: Bench, tools: dict[str, str], started: datetime.datetime, elapsed: float) -> str:
+    """The document of a run of the on/off comparisons alone (--dnstap): their sections, every measured run."""
+    args = bench.args
+    command = shlex.join(["python", "bench/run.py", *args.argv])
+    titles = ", ".join(t.title for option, t in TOGGLES.items() if getattr(args, option))
+    body = [
+        f"## blockd on vs off ({titles}): {started.strftime('%Y-%m-%d %H:%M:%S %Z').strip()}",
+        "",
+        f"- command: `{command}` (took {elapsed / 60:.1f} min)",
+        *machine(tools, bench.fingerprint),
+        f"- blockd on CPU {SERVER_CPU}, one fresh instance per measured run; dnsperf (`-c {args.clients} -q "
+        f"{args.outstanding}`, {args.duration:g}s per run, after a warm-up of "
+        f"{min(1.0, args.duration):g}s) and the fake upstream on CPU {CLIENT_CPU}; loopback only"
+        + ("; EDNS on (`-e`)" if args.edns else ""),
+        '- blockd as deployed: metrics listener on, `[log] queries = "blocked"` to a file, the shipped lists, '
+        '`action = "sinkhole"`; the configurations differ only as each table says',
+    ]
+    if args.dnstap:
+        body.append(
+            f"- dnstap collector: `fstrm_capture -t protobuf:dnstap.Dnstap -u SOCK -w FILE` "
+            f'({first_line(["dpkg-query", "-W", "-f", "fstrm-bin ${Version}", "fstrm-bin"])}), one per "on" '
+            f"instance, started before it, on CPU {CLIENT_CPU} (counted as the benchmark's in 'others'), "
+            "socket and file in the temp dir"
+        )
+    body += [
+        "",
+        "Notes:",
+        *(f"- answer check {line}" for line in bench.sanity),
+    ]
     if bench.quiet.waits:
         body.append(
             f"- waited {bench.quiet.waited:.0f}s in all ({bench.quiet.waits} times) for other processes to leave the "

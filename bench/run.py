@@ -5,6 +5,7 @@
     python bench/run.py --quick                  # smoke test, about a minute (what CI may run)
     python bench/run.py --metrics-off --profile  # also: blockd counting/log on vs off, py-spy profile
     python bench/run.py --rpz                    # instead: RPZ loading (file, AXFR, IXFR) against unbound, Knot primary
+    python bench/run.py --dnstap                 # instead: blockd blocked qps with dnstap to fstrm_capture on vs off
 
 Every server under test is pinned to CPU 0 (taskset -c 0); dnsperf and the fake upstream run on
 CPU 1.  All traffic stays on 127.0.0.1: the servers forward only to a fake upstream (unbound as a
@@ -34,9 +35,9 @@ from types import FrameType
 
 from common import BENCH, REPO, BenchError, log
 from data import SHIPPED_LISTS
-from procs import Procs, ensure_knot, ensure_tools, snapshot_blockd
-from report import blockd_cache_state, report, rpz_report
-from servers import SERVERS
+from procs import Procs, ensure_fstrm, ensure_knot, ensure_tools, snapshot_blockd
+from report import blockd_cache_state, report, rpz_report, toggles_report
+from servers import SERVERS, TOGGLES
 from suite import Bench
 
 
@@ -48,6 +49,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--synthetic", type=int, help="synthetic list size (default 1,000,000; --quick 10,000)")
     parser.add_argument("--skip-1m", action="store_true", help="skip the synthetic-list runs")
     parser.add_argument("--metrics-off", action="store_true", help="also compare blockd with metrics + log off")
+    parser.add_argument(
+        "--dnstap", action="store_true",
+        help="run the dnstap comparison instead: blockd blocked qps with [dnstap] streaming to fstrm_capture vs "
+        "without, fresh instances alternating, best of --repeat each (with --metrics-off: that one too)",
+    )  # fmt: skip
     parser.add_argument(
         "--profile", action="store_true", help="also profile blockd with py-spy (blocked and cache-hit runs)"
     )
@@ -102,7 +108,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown or not args.servers:
         parser.error(f"--servers: unknown {', '.join(sorted(unknown)) or '(empty)'}")
     args.servers = [s for s in SERVERS if s in args.servers]
+    if args.dnstap and args.rpz:
+        parser.error("--dnstap and --rpz each run instead of the qps suite: pick one")
     args.stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.alone = any(toggle.alone and getattr(args, option) for option, toggle in TOGGLES.items())
     return args
 
 
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     tools = ensure_tools(allow_install=not args.no_install)
     if args.rpz:
         tools.update(ensure_knot(allow_install=not args.no_install))
+    if args.dnstap:
+        tools.update(ensure_fstrm(allow_install=not args.no_install))
 
     def terminate(signum: int, frame: FrameType | None) -> None:  # SIGTERM/SIGHUP: unwind through the finally
         raise KeyboardInterrupt(f"signal {signum}")
@@ -135,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.rpz:
             log(f"working in {tmp}; RPZ comparison, {args.rpz_size:,} triggers, blockd vs unbound, knot primary")
             bench.run_rpz()
+        elif args.alone:
+            compared = ", ".join(t.what for option, t in TOGGLES.items() if getattr(args, option))
+            log(f"working in {tmp}; blockd on vs off: {compared}; {args.duration:g}s per run")
+            bench.run_toggles()
         else:
             log(f"working in {tmp}; servers: {', '.join(args.servers)}; {args.duration:g}s per run")
             bench.run()
@@ -152,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     if status or bench is None:
         return status or 1
-    text = (rpz_report if args.rpz else report)(bench, tools, started, time.monotonic() - t0)
-    out = BENCH / "out" / f"{'rpz-' if args.rpz else ''}results-{args.stamp}.md"
+    write = rpz_report if args.rpz else toggles_report if args.alone else report
+    text = write(bench, tools, started, time.monotonic() - t0)
+    prefix = "rpz-" if args.rpz else "dnstap-" if args.dnstap else ""
+    out = BENCH / "out" / f"{prefix}results-{args.stamp}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)
     print()

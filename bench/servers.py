@@ -1,16 +1,19 @@
 """The servers under test and the fake upstream: config templates, start-up, the answer check.
 
 A server is a `Server` subclass registered in SERVERS; a configuration of one server compared with
-another (blockd with metrics on and off) is a `Toggle` in TOGGLES. A new comparison (unbound with an
-RPZ zone, blockd with dnstap on/off or limits on/off) is a new subclass, or a new instance with other
-options, plus its command-line option in run.py.
+another (blockd with metrics on and off, with dnstap on and off) is a `Toggle` in TOGGLES. A new
+comparison (unbound with an RPZ zone, blockd with limits on/off) is a new subclass, or a new instance
+with other options, plus its command-line option in run.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import socket
 import string
+import struct
 import subprocess
 import sys
 import time
@@ -111,6 +114,15 @@ class Context:
 
 
 @dataclass
+class Capture:
+    """fstrm_capture taking one blockd instance's dnstap stream on a unix socket, writing it to a file."""
+
+    proc: Proc
+    socket: Path
+    path: Path
+
+
+@dataclass
 class Instance:
     kind: str
     proc: Proc
@@ -120,6 +132,12 @@ class Instance:
     log_path: Path | None = None
     started: float = 0.0  # time.monotonic() just before Popen
     cpu_at_start: tuple[int, int] = (0, 0)  # cpu_user(SERVER_CPU) just before Popen
+    capture: Capture | None = None  # blockd with dnstap on: its collector
+
+    @property
+    def helpers(self) -> list[Proc]:
+        """Processes that run for this instance only (its dnstap collector), on the client CPU."""
+        return [self.capture.proc] if self.capture is not None else []
 
 
 @dataclass
@@ -129,6 +147,7 @@ class Launch:
     command: list[str]
     metrics_port: int | None = None
     log_path: Path | None = None
+    capture: Capture | None = None
 
 
 Check = tuple[str, str, Callable[[Any], bool]]  # name, qtype, good(reply)
@@ -160,6 +179,11 @@ class Server:
         """Whether an answer to the start-up probe (A of listset.probe) means "started"; any answer does."""
         return True
 
+    def finish(self, instance: Instance, ctx: Context) -> dict[str, float]:
+        """Stop the instance and its helpers; what it reported of its runs, for an on/off comparison's section."""
+        stop(instance, ctx.procs)
+        return {}
+
     def start(self, listset: ListSet, ctx: Context, port: int | None = None) -> Instance:
         """A fresh instance on `port` (a free one by default), pinned to the server CPU, answering a listed
         name as ready() wants.  Raises StartTimeout after start_limit seconds."""
@@ -170,7 +194,9 @@ class Server:
         started = time.monotonic()
         proc = ctx.procs.start(name, ["taskset", "-c", SERVER_CPU, *launch.command], ctx.tmp / f"{name}.log", ctx.src)
         startup = wait_until_answering(proc, port, listset.probe, started, self.start_limit, self.ready)
-        return Instance(self.kind, proc, port, startup, launch.metrics_port, launch.log_path, started, cpu_at_start)
+        return Instance(
+            self.kind, proc, port, startup, launch.metrics_port, launch.log_path, started, cpu_at_start, launch.capture
+        )
 
     def answer_checks(self, listset: ListSet) -> list[Check]:
         """The server blocks A, AAAA, subdomains and other types locally, and forwards the rest."""
@@ -207,6 +233,12 @@ class Server:
         return f"{label}: FAILED " + "; ".join(failed)
 
 
+def stop(instance: Instance, procs: Procs) -> None:
+    """Stop the instance, then its helpers (the collector last, so it gets the server's last frames)."""
+    for proc in (instance.proc, *instance.helpers):
+        procs.stop(proc)
+
+
 # --------------------------------------------------------------------------------------------
 # The servers
 
@@ -226,16 +258,81 @@ def scrape(instance: Instance) -> list[str]:
     return urllib.request.urlopen(url, timeout=5).read().decode().splitlines()
 
 
+def series(lines: list[str], metric: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of `metric` in a /metrics scrape: its labels and its value."""
+    found = []
+    for line in lines:
+        if line.startswith((metric + "{", metric + " ")):
+            head, _, value = line.rpartition(" ")
+            found.append((dict(re.findall(r'(\w+)="([^"]*)"', head)), float(value)))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# dnstap (--dnstap): blockd streams every lookup to fstrm_capture, the Frame Streams collector
+
+DNSTAP_TYPE = "protobuf:dnstap.Dnstap"
+FSTRM_STOP = 3  # the Frame Streams control frame a closed stream ends with
+
+
+def capture_dir(ctx: Context) -> Path:
+    """Where fstrm_capture writes: tmpfs when there is one, so that writing back a few hundred MB of
+    capture to this machine's disk does not slow the run (it measures blockd, not the disk)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm
+    return ctx.tmp
+
+
+def start_capture(ctx: Context, name: str) -> Capture:
+    """fstrm_capture on a unix socket in the temp dir, writing to a file on tmpfs, pinned to the client CPU."""
+    sock = ctx.tmp / f"{name}-dnstap.sock"
+    path = capture_dir(ctx) / f"blockd-bench-{os.getpid()}-{name}-dnstap.fstrm"
+    command = [ctx.tools["fstrm_capture"], "-t", DNSTAP_TYPE, "-u", str(sock), "-w", str(path)]
+    log_path = ctx.tmp / f"{name}-fstrm_capture.log"
+    proc = ctx.procs.start(f"{name}-fstrm_capture", ["taskset", "-c", CLIENT_CPU, *command], log_path)
+    deadline = time.monotonic() + 10
+    while not sock.is_socket():
+        if proc.popen.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"fstrm_capture did not open {sock}:\n{proc.log_tail()}")
+        time.sleep(0.01)
+    return Capture(proc, sock, path)
+
+
+def capture_frames(path: Path) -> tuple[int, bool]:
+    """The data frames in a Frame Streams file, and whether it is complete (ends with STOP, nothing cut off)."""
+    data = path.read_bytes()
+    frames = pos = 0
+    last_control = None
+    while pos + 4 <= len(data):
+        (length,) = struct.unpack_from("!I", data, pos)
+        pos += 4
+        if length:
+            frames += 1
+            pos += length
+            last_control = None
+        elif pos + 8 <= len(data):  # a control frame: its length, its type, its fields
+            length, last_control = struct.unpack_from("!II", data, pos)
+            pos += 4 + length
+        else:
+            break
+    return frames, pos == len(data) and last_control == FSTRM_STOP
+
+
 @dataclass
 class Blockd(Server):
-    """One blockd process (templates/blockd.toml); `metrics` False turns the listener, counting and the log off."""
+    """One blockd process (templates/blockd.toml); `metrics` False turns the listener, counting and the log off;
+    `dnstap` True streams every lookup (`messages = "all"`, the default) to a fstrm_capture started for it."""
 
     kind: ClassVar[str] = "blockd"
     metrics: bool = True
+    dnstap: bool = False
+    drain_limit: float = 30.0  # seconds finish() waits for the dnstap queue to drain
 
     def launch(self, name: str, port: int, listset: ListSet, ctx: Context) -> Launch:
         metrics_port = free_port() if self.metrics else None
         log_path = ctx.tmp / f"{name}-queries.log"
+        capture = start_capture(ctx, name) if self.dnstap else None
         lists = self.list_tables(listset)
         conf = ctx.tmp / f"{name}.toml"
         conf.write_text(
@@ -247,6 +344,7 @@ class Blockd(Server):
                 metrics_listen=f"127.0.0.1:{metrics_port}" if self.metrics else "",
                 log_queries="blocked" if self.metrics else "none",
                 log_path=log_path,
+                dnstap=f'[dnstap]\nsocket = "unix:{capture.socket}"\n' if capture is not None else "",
                 lists=lists,
                 list_names=", ".join(f'"{n}"' for n in listset.files),
             )
@@ -259,7 +357,7 @@ class Blockd(Server):
         )
         if check.returncode != 0:
             raise BenchError(f"blockd check --config {conf} failed:\n{check.stdout}{check.stderr}")
-        return Launch([sys.executable, "-m", "blockd", "run", "--config", str(conf)], metrics_port, log_path)
+        return Launch([sys.executable, "-m", "blockd", "run", "--config", str(conf)], metrics_port, log_path, capture)
 
     def list_tables(self, listset: ListSet) -> str:
         """The config's [lists.X] tables: one per file of the list set."""
@@ -280,8 +378,7 @@ class Blockd(Server):
             try:
                 lines = scrape(instance)
                 for metric in BLOCKD_COUNTERS:
-                    prefixes = (metric + "{", metric + " ")
-                    values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefixes)]
+                    values = [value for _, value in series(lines, metric)]
                     if values:
                         parts.append(f"{metric} = {sum(values):,.0f}")
             except (OSError, ValueError) as exc:
@@ -294,6 +391,42 @@ class Blockd(Server):
             except OSError:
                 parts.append("query log: no file")
         return ", ".join(parts)
+
+    def finish(self, instance: Instance, ctx: Context) -> dict[str, float]:
+        """With dnstap: the frames blockd counted once its queue has drained, then, once blockd and then
+        fstrm_capture are stopped (SIGTERM), what the capture file holds."""
+        if instance.capture is None:
+            return super().finish(instance, ctx)
+        facts = self.dnstap_counts(instance)
+        capture = instance.capture
+        ctx.procs.stop(instance.proc)  # blockd writes what is queued, STOP, and waits for FINISH
+        ctx.procs.stop(capture.proc)
+        facts["capture_rc"] = capture.proc.popen.returncode
+        facts["capture_bytes"] = capture.path.stat().st_size if capture.path.exists() else 0
+        frames, complete = capture_frames(capture.path) if capture.path.exists() else (0, False)
+        facts["capture_frames"], facts["capture_complete"] = frames, complete
+        capture.path.unlink(missing_ok=True)  # counted: hundreds of MB on tmpfs are not kept
+        return facts
+
+    def dnstap_counts(self, instance: Instance) -> dict[str, float]:
+        """blockd_dnstap_frames_total by result and the queries it answered (blockd_dns_queries_total), once
+        sent + dropped has not moved for 0.5 s (at most drain_limit s)."""
+        deadline = time.monotonic() + self.drain_limit
+        last: dict[str, float] = {}
+        steady_since = time.monotonic()
+        while True:
+            lines = scrape(instance)
+            counts = {
+                f"frames_{labels.get('result')}": value for labels, value in series(lines, "blockd_dnstap_frames_total")
+            }
+            counts["queries"] = sum(value for _, value in series(lines, "blockd_dns_queries_total"))
+            counts.setdefault("frames_sent", 0.0)
+            counts.setdefault("frames_dropped", 0.0)
+            if counts != last:
+                last, steady_since = counts, time.monotonic()
+            elif time.monotonic() - steady_since >= 0.5 or time.monotonic() > deadline:
+                return counts
+            time.sleep(0.1)
 
 
 @dataclass
@@ -483,6 +616,9 @@ class Toggle:
     off: Server
     on_config: str  # the section's table: how each configuration differs
     off_config: str
+    pairs: int | None = 2  # on/off pairs of fresh instances (1 with --quick); None: --repeat pairs
+    target: float | None = None  # the goal for on/off blocked qps (at least this)
+    alone: bool = False  # the option runs this comparison instead of the qps suite (Bench.run_toggles)
 
     @property
     def kind(self) -> str:
@@ -499,6 +635,19 @@ TOGGLES: dict[str, Toggle] = {
         off=Blockd(metrics=False),
         on_config='metrics on, `[log] queries = "blocked"`',
         off_config='`[metrics] listen = ""`, `[log] queries = "none"`',
+    ),
+    "dnstap": Toggle(
+        slug="dnstap",
+        what="dnstap",
+        title="dnstap to fstrm_capture",
+        on=Blockd(dnstap=True),
+        off=Blockd(),
+        on_config='metrics on, `[log] queries = "blocked"`, `[dnstap] socket = "unix:…"` (`messages = "all"`) '
+        "to `fstrm_capture`",
+        off_config='metrics on, `[log] queries = "blocked"`, no `[dnstap]`',
+        pairs=None,
+        target=0.8,
+        alone=True,
     ),
 }
 

@@ -45,9 +45,14 @@ from servers import (
     build_servers,
     scrape,
     start_upstream,
+    stop,
 )
 
 Figures = dict[str, object]  # metric -> value, for one server and one list set
+
+
+def _on_off(on: bool) -> str:
+    return "on" if on else "off"
 
 
 class Bench:
@@ -97,8 +102,8 @@ class Bench:
         verbose: bool = False,
         max_runs: int | None = None,
     ) -> PerfResult:
-        upstream = self.upstream.proc if self.upstream is not None else None
-        return self.perf.run(instance.proc, instance.port, query_file, duration, qps, verbose, max_runs, upstream)
+        helpers = ([self.upstream.proc] if self.upstream is not None else []) + instance.helpers
+        return self.perf.run(instance.proc, instance.port, query_file, duration, qps, verbose, max_runs, tuple(helpers))
 
     def paced(self, instance: Instance, query_file: Path) -> PerfResult:
         return self.dnsperf(instance, query_file, self.args.duration, qps=FIXED_QPS, verbose=True)
@@ -200,24 +205,31 @@ class Bench:
         return res
 
     def compare(self, toggle: Toggle, listset: ListSet) -> None:
-        """Blocked qps of the toggle's on and off configurations, fresh instances back to back."""
-        figures: dict[bool, list[PerfResult]] = {}
-        for on in (True, False, True, False) if not self.args.quick else (True, False):
-            instance = (toggle.on if on else toggle.off).start(listset, self.ctx)
+        """Blocked qps of the toggle's on and off configurations, fresh instances alternating on, off."""
+        args = self.args
+        pairs = args.repeat if toggle.pairs is None else 1 if args.quick else toggle.pairs
+        figures: dict[bool, list[PerfResult]] = {True: [], False: []}
+        facts: dict[bool, list[dict[str, float]]] = {True: [], False: []}  # what each instance reported
+        for on in (True, False) * pairs:
+            server = toggle.on if on else toggle.off
+            instance = server.start(listset, self.ctx)
             try:
-                self.dnsperf(instance, listset.query_file, min(1.0, self.args.duration))
+                if len(figures[on]) == 0:
+                    self.sanity.append(f"{server.check_answers(instance, listset)} ({toggle.what} {_on_off(on)})")
+                self.dnsperf(instance, listset.query_file, min(1.0, args.duration))
                 self.quiet.wait(instance.proc.pid)
-                result = self.dnsperf(instance, listset.query_file, self.args.duration)
+                result = self.dnsperf(instance, listset.query_file, args.duration)
+                facts[on].append(server.finish(instance, self.ctx))
             finally:
-                self.procs.stop(instance.proc)
-            figures.setdefault(on, []).append(result)
+                stop(instance, self.procs)
+            figures[on].append(result)
             log(
-                f"{toggle.kind} {toggle.what} {'on' if on else 'off'}: {result.qps:,.0f} qps, "
-                f"{result.cpu_us:.1f} us CPU/query"
+                f"{toggle.kind} {toggle.what} {_on_off(on)}: {result.qps:,.0f} qps, "
+                f"{result.cpu_us:.1f} us CPU/query" + "".join(f", {k} {v:,.0f}" for k, v in facts[on][-1].items())
             )
         self.runs[f"{toggle.kind}-{toggle.slug}-on/{listset.key}"] = {"blocked": figures[True]}
         self.runs[f"{toggle.kind}-{toggle.slug}-off/{listset.key}"] = {"blocked": figures[False]}
-        self.extra += toggle_section(toggle, listset, figures)
+        self.extra += toggle_section(toggle, listset, figures, facts)
 
     def profile(self, listset: ListSet, py_spy: str) -> None:
         """py-spy on one blockd instance: a blocked-answer run, then a cache-hit run."""
@@ -278,6 +290,15 @@ class Bench:
             py_spy = ensure_py_spy(allow_install=not args.no_install)
             if py_spy:
                 self.profile(sets["shipped"], py_spy)
+
+    def run_toggles(self) -> None:
+        """Only the on/off comparisons asked for, on the shipped lists: what an option of a Toggle that runs
+        `alone` (--dnstap) does instead of the qps suite; --metrics-off given with it runs in the same run."""
+        sets = list_sets(self.tmp, self.ctx.src, None)
+        self.upstream = start_upstream(self.ctx)
+        for option, toggle in TOGGLES.items():
+            if getattr(self.args, option):
+                self.compare(toggle, sets["shipped"])
 
     # -- the RPZ comparison (--rpz) ---------------------------------------------------------------
 

@@ -122,6 +122,21 @@ class LogConfig:
     client_ip: str = "full"
 
 
+DNSTAP_MESSAGES = ("all", "blocked", "responses")
+
+
+@dataclass(frozen=True)
+class DnstapConfig:
+    """[dnstap]: off unless socket or file is set.  target is "unix:PATH", "tcp:HOST:PORT" or
+    "file:PATH" (paths absolute, resolved against the config file's directory)."""
+
+    target: str | None = None
+    identity: str = ""  # "" -> the host name
+    version: str = ""  # "" -> "blockd <version>"
+    messages: str = "all"
+    forwarder: bool = False
+
+
 @dataclass(frozen=True)
 class ListConfig:
     name: str
@@ -171,6 +186,7 @@ class Config:
     lists: dict[str, ListConfig] = field(default_factory=dict)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
     egress: EgressSettings = field(default_factory=EgressSettings)
+    dnstap: DnstapConfig = field(default_factory=DnstapConfig)
 
 
 def shipped_base_dir() -> Path:
@@ -361,7 +377,7 @@ class _Parser:
     # -- sections ---------------------------------------------------------------------------
 
     def parse(self, data: dict[str, Any], resolv_conf: Path) -> Config:
-        known = ("server", "upstream", "metrics", "log", "cache", "lists", "groups", "egress")
+        known = ("server", "upstream", "metrics", "log", "cache", "lists", "groups", "egress", "dnstap")
         for name in data:
             if name not in known:
                 self.error(name, f"unknown section (known: {', '.join(known)})")
@@ -373,7 +389,8 @@ class _Parser:
         lists = self.lists(data)
         groups = self.groups(data, lists)
         egress = self.egress(data)
-        return Config(self.source, server, upstream, metrics, log, cache, lists, groups, egress)
+        dnstap = self.dnstap(data)
+        return Config(self.source, server, upstream, metrics, log, cache, lists, groups, egress, dnstap)
 
     def server(self, data: dict[str, Any]) -> ServerConfig:
         key = "server"
@@ -480,6 +497,39 @@ class _Parser:
             path=path or "-",
             client_ip=self.string(table, key, "client_ip", defaults.client_ip, CLIENT_IP_MODES),
         )
+
+    def dnstap(self, data: dict[str, Any]) -> DnstapConfig:
+        key = "dnstap"
+        table = self.table(data, key, ("socket", "file", "identity", "version", "messages", "forwarder"))
+        socket_text = self.string(table, key, "socket", "")
+        file_text = self.string(table, key, "file", "")
+        target = None
+        if socket_text and file_text:
+            self.error(f"{key}.file", "set socket or file, not both")
+        elif socket_text:
+            target = self.dnstap_socket(f"{key}.socket", socket_text)
+        elif file_text:
+            target = f"file:{self.path(file_text)}"
+        return DnstapConfig(
+            target=target,
+            identity=self.string(table, key, "identity", ""),
+            version=self.string(table, key, "version", ""),
+            messages=self.string(table, key, "messages", "all", DNSTAP_MESSAGES),
+            forwarder=self.boolean(table, key, "forwarder", False),
+        )
+
+    def dnstap_socket(self, item_key: str, text: str) -> str | None:
+        kind, _, where = text.partition(":")
+        if kind == "unix" and where:
+            if "\0" in where:
+                self.error(item_key, f"{text!r}: NUL in the socket path")
+                return None
+            return f"unix:{self.path(where)}"
+        if kind == "tcp" and where:
+            endpoint = self.endpoint(item_key, where, 6000)
+            return f"tcp:{endpoint}" if endpoint is not None else None
+        self.error(item_key, f'{text!r}: expected "unix:/path/to.sock" or "tcp:address:port"')
+        return None
 
     def lists(self, data: dict[str, Any]) -> dict[str, ListConfig]:
         lists_table = data.get("lists", {})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -33,14 +34,23 @@ from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
-from blockd import wire
+from blockd import __version__, wire
 from blockd.admin import AdminService
 from blockd.cache import AnswerCache
-from blockd.config import Config, ConfigError, load_config
+from blockd.config import Config, ConfigError, DnstapConfig, load_config
+from blockd.dnstap import Counters, DnstapSettings, DnstapSink
 from blockd.egress import EgressSettings, LearnedAddresses, NetlinkChange
 from blockd.egress_service import EgressService, FollowUpLookups
 from blockd.interface_groups import InterfaceMap, InterfaceNetworks, InterfaceSelector, networks_of
-from blockd.metrics import CacheCollector, EgressCollector, EgressMetrics, ListSizeCollector, Metrics, NullMetrics
+from blockd.metrics import (
+    CacheCollector,
+    DnstapMetrics,
+    EgressCollector,
+    EgressMetrics,
+    ListSizeCollector,
+    Metrics,
+    NullMetrics,
+)
 from blockd.netlink_services import EgressAdapter, NetlinkServices, Runner, ThreadRunner, Watcher
 from blockd.notify import NotifyReceiver, NoZones
 from blockd.policy import Group, Policy, PolicyError, Verdict, build_policy
@@ -52,7 +62,7 @@ from blockd.repeats import RepeatMemo
 from blockd.resolver import AnswerWatcher, Clock, IgnoreAnswers, Resolver
 from blockd.secondary_lists import SecondaryLists, TransferSetupError, ZoneCollector, load_stored_copies
 from blockd.server import DNSStreamFactory
-from blockd.services import DNSService, PidFile, QueryLogService, StartupError
+from blockd.services import DNSService, DnstapService, PidFile, QueryLogService, StartupError
 from blockd.settings import LIVE_KEYS, live_values, needs_restart
 from blockd.upstream import Upstreams
 from blockd.upstream_answer import AnswerInfo, analyze
@@ -155,8 +165,13 @@ class Daemon:
         self.metrics.registry.register(
             ListSizeCollector(lambda: {name: len(lst) for name, lst in self.policy().lists.items()})
         )
+        self.dnstap = self._build_dnstap(config.dnstap)
         self.upstreams = Upstreams(
-            reactor, config.upstream.servers, config.upstream.timeout, record=self._record_upstream
+            reactor,
+            config.upstream.servers,
+            config.upstream.timeout,
+            record=self._record_upstream,
+            tap=self.dnstap.forwarded if self.dnstap is not None and self.dnstap.forwarder else None,
         )
         self.query_log = QueryLog(
             config.log.queries,
@@ -189,6 +204,7 @@ class Daemon:
             RepeatMemo(),
             self._notify_receiver(),
             forward_ecs=config.upstream.forward_ecs,
+            tap=self.dnstap,
         )
         self.stream_factory = DNSStreamFactory(
             self.resolver, config.server.tcp_idle_timeout, config.server.tcp_max_connections, reactor
@@ -214,6 +230,8 @@ class Daemon:
         if config.server.pidfile is not None:
             PidFile(config.server.pidfile).setServiceParent(self.services)
         QueryLogService(self.query_log).setServiceParent(self.services)
+        if self.dnstap is not None:
+            DnstapService(self.dnstap, reactor).setServiceParent(self.services)
         if self.netlink is not None:
             self.netlink.setServiceParent(self.services)
         interfaces = self.interfaces
@@ -233,6 +251,17 @@ class Daemon:
             )
         self._declare_series(config, policy)
         self.metrics.last_reload_success.set(time.time())
+
+    def _build_dnstap(self, settings: DnstapConfig) -> DnstapSink | None:
+        if settings.target is None:
+            return None
+        identity = settings.identity or socket.gethostname()
+        version = settings.version or f"blockd {__version__}"
+        counters = DnstapMetrics(self.metrics.registry)
+        sink_settings = DnstapSettings(
+            settings.target, identity.encode(), version.encode(), settings.messages, settings.forwarder
+        )
+        return DnstapSink(sink_settings, Counters(counters.frames, counters.connected), clock_ns=time.time_ns)
 
     def _build_secondaries(self, stored: Mapping[str, StoredZone]) -> SecondaryLists | None:
         """The transferred lists, when the config has any (they start with the DNS listeners)."""
@@ -405,6 +434,8 @@ class Daemon:
     def sighup(self) -> None:
         """SIGHUP: reopen the query log (logrotate) and reload config and lists."""
         self.query_log.reopen()
+        if self.dnstap is not None:
+            self.dnstap.reopen()
         self.reloader.request()
 
     def start(self) -> None:

@@ -22,6 +22,10 @@ see zeros.  Sizes (list entries) are read at scrape time by a collector.
   blockd_build_info{version}
   blockd_group_interface_networks{group}              subnets read from a group's interfaces/VLANs
 
+With [dnstap] on (DnstapMetrics):
+  blockd_dnstap_frames_total{result}                  sent / dropped (queue full, collector gone, write error)
+  blockd_dnstap_collector_up                          1 while a collector (or the file) takes the stream
+
 With [egress] enabled (EgressMetrics, fed one ReconcileReport per reconcile, and
 EgressCollector, read at scrape time):
   blockd_egress_reconciles_total{result}              success / failure
@@ -267,6 +271,30 @@ class ListSizeCollector(Collector):
         for name, size in sorted(self._sizes().items()):
             family.add_metric([name], size)
         yield family
+
+
+DNSTAP_RESULTS = ("sent", "dropped")
+
+
+class DnstapMetrics:
+    """The dnstap sink's frames and collector state (blockd.dnstap; called from its writer thread)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.frames_total = Counter(
+            "blockd_dnstap_frames", "dnstap frames by result (dropped: queue full or collector gone).", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        self.collector_up = Gauge(
+            "blockd_dnstap_collector_up", "1 while the dnstap collector (or file) takes the stream.", registry=registry
+        )
+        for result in DNSTAP_RESULTS:
+            self.frames_total.labels(result)
+
+    def frames(self, result: str, count: int) -> None:
+        self.frames_total.labels(result).inc(count)
+
+    def connected(self, up: bool) -> None:
+        self.collector_up.set(1 if up else 0)
 
 
 class EgressMetrics:

@@ -92,3 +92,20 @@ def ancestors(key: str) -> Iterator[str]:
         if dot < 0:
             return
         name = name[dot + 1 :]
+
+
+_ESCAPED_BYTE = re.compile(r"\\(\d{3})")
+
+
+def key_to_wire(key: str) -> bytes:
+    """A lookup key (or an entry such as "*.name") as a wire-format name: the inverse of
+    key_from_wire_labels (a "." inside a label is escaped there, so splitting on "." is safe)."""
+    if not key:
+        return b"\0"
+    out = bytearray()
+    for label in key.split("."):
+        raw = _ESCAPED_BYTE.sub(lambda m: chr(int(m.group(1))), label).encode("latin-1")
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    return bytes(out)

@@ -92,6 +92,7 @@ class Verdict:
     action: str  # effective action: sinkhole/nxdomain/nodata/refused, an RPZ action, or monitor
     via: str = "question"  # question | cname | address
     rule: Rule | None = None  # for local-data: the records to answer with
+    source: str = "list"  # list | rpz: whether list_name is a Response Policy Zone (dnstap's Policy.type)
 
     @property
     def blocks(self) -> bool:
@@ -227,7 +228,10 @@ class Policy:
         action = group.list_actions[match.list_name]
         rule = self._rule_of(match)
         action = _effective_action(action, rule, group.action)
-        return Verdict(group, match.list_name, match.trigger, action, rule=rule if action == "local-data" else None)
+        listed = self.lists.get(match.list_name)
+        source = "rpz" if listed is not None and listed.rpz else "list"
+        rule = rule if action == "local-data" else None
+        return Verdict(group, match.list_name, match.trigger, action, rule=rule, source=source)
 
     def _rule_of(self, match: Match) -> Rule | None:
         listed = self.lists.get(match.list_name)
@@ -247,7 +251,7 @@ class Policy:
         for name in info.names:
             found = self.check(group, name)
             if found is not None:
-                verdict = Verdict(group, found.list_name, found.domain, found.action, "cname")
+                verdict = Verdict(group, found.list_name, found.domain, found.action, "cname", source=found.source)
                 if verdict.blocks:
                     return verdict
                 monitored = monitored or verdict
@@ -259,7 +263,8 @@ class Policy:
                     list_action = group.list_actions.get(trigger.source, group.action)
                     action = _effective_action(list_action, trigger.rule, group.action)
                     rule = trigger.rule if action == "local-data" else None
-                    verdict = Verdict(group, trigger.source, str(address), action, "address", rule)
+                    source = "rpz" if trigger.rule is not None else "list"
+                    verdict = Verdict(group, trigger.source, str(address), action, "address", rule, source)
                     if verdict.blocks:
                         return verdict
                     monitored = monitored or verdict

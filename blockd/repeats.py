@@ -27,7 +27,7 @@ DEFAULT_MAX_ENTRIES = 50_000
 DEFAULT_MAX_QUERY_BYTES = 512
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity: each is one memo entry (and a dict key for dnstap)
 class BlockedRepeat:
     answer_tail: bytes  # the blocked answer after its two ID bytes
     verdict: Verdict

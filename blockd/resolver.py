@@ -72,6 +72,57 @@ class QueryObserver(Protocol):
         """A repeated blocked query, with its line tail (blockd.querylog.line_tail) kept by the memo."""
 
 
+class WireTap(Protocol):
+    """Sees every answered query with its wire messages (dnstap): queries, answers, verdicts."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def now_ns(self) -> int:
+        """The wall clock, in ns (a forwarded query's arrival time)."""
+
+    def answered(
+        self,
+        client: str,
+        port: int,
+        transport: str,
+        query: bytes,
+        answer: bytes | None,
+        verdict: Verdict | None,
+        denied: bool,
+        received_ns: int,
+    ) -> None:
+        """received_ns is 0 for a query answered as it arrived (the tap reads the clock once)."""
+
+    def repeated(self, client: str, port: int, transport: str, query: bytes, repeat: BlockedRepeat) -> None:
+        """A repeated blocked query: its answer is query[:2] + repeat.answer_tail."""
+
+
+class NoTap:
+    """The WireTap when dnstap is off: the resolver reads `active` once and never calls it."""
+
+    active = False
+
+    def now_ns(self) -> int:
+        return 0
+
+    def answered(
+        self,
+        client: str,
+        port: int,
+        transport: str,
+        query: bytes,
+        answer: bytes | None,
+        verdict: Verdict | None,
+        denied: bool,
+        received_ns: int,
+    ) -> None:
+        return None
+
+    def repeated(self, client: str, port: int, transport: str, query: bytes, repeat: BlockedRepeat) -> None:
+        return None
+
+
 class AnswerWatcher(Protocol):
     """Egress learning: every upstream answer with its verdict, and every blocked question."""
 
@@ -93,7 +144,18 @@ class IgnoreAnswers:
 class Asker:
     """One client's query past the question check: what every later step needs to know."""
 
-    __slots__ = ("client", "deferred", "group", "policy", "query", "transport", "trusted", "verdict")
+    __slots__ = (
+        "client",
+        "deferred",
+        "group",
+        "policy",
+        "port",
+        "query",
+        "received_ns",
+        "transport",
+        "trusted",
+        "verdict",
+    )
 
     def __init__(
         self,
@@ -104,9 +166,13 @@ class Asker:
         transport: str,
         policy: Policy,
         trusted: bool,
+        port: int = 0,
+        received_ns: int = 0,
     ):
         self.query = query
         self.client = client
+        self.port = port
+        self.received_ns = received_ns  # wall-clock arrival, when a WireTap is on
         self.group = group
         self.verdict = verdict  # a monitor verdict of the question, counted already
         self.transport = transport
@@ -175,6 +241,7 @@ class Resolver:
         repeats: RepeatMemo,
         notifications: NotifyReceiver,
         forward_ecs: bool = False,
+        tap: WireTap | None = None,
     ):
         self.policy = policy
         self.upstreams = upstreams
@@ -186,38 +253,47 @@ class Resolver:
         self.repeats = repeats
         self.notifications = notifications  # NOTIFY for transferred zones (blockd.notify)
         self.forward_ecs = forward_ecs
+        self.tap: WireTap = tap if tap is not None else NoTap()
+        self._tapping = self.tap.active  # read once: every answer checks it
         self.in_flight = InFlight()
         self._log_blocked = observer.logs_blocked  # read once: the repeat path checks it per query
         self._following = False  # resolving a walled garden's target (blockd.garden)
 
-    def handle(self, data: bytes, client: str, transport: str) -> bytes | defer.Deferred[bytes | None] | None:
-        """Answer one query: bytes now, a Deferred for forwarded queries, None to drop."""
+    def handle(
+        self, data: bytes, client: str, transport: str, port: int = 0
+    ) -> bytes | defer.Deferred[bytes | None] | None:
+        """Answer one query: bytes now, a Deferred for forwarded queries, None to drop.
+
+        port is the client's (dnstap reports it; 0 when unknown)."""
         policy = self.policy()
         who = policy.classifier.classify(client)
         if who.allowed and not who.trusted:
             repeat = self.repeats.lookup(policy, who.group, data)
             if repeat is not None:
-                answer = self._answer_repeat(repeat, data, client, who.group, transport)
+                answer = self._answer_repeat(repeat, data, client, who.group, transport, port)
                 if answer is not None:
                     return answer
         query = read_question(data)
         if isinstance(query, Unreadable):
-            return self._unreadable(query, transport)
+            return self._unreadable(query, data, client, transport, port)
         if isinstance(query, NotifyRequest):
             return self.notifications.receive(query.data, client)
         group = policy.classifier.group_of(who, query)
         self.metrics.count_query(_label(group), transport, query.qtype)
         if not who.allowed:
-            return self._refused(client, group, query)
+            return self._refused(client, group, query, transport, port)
         verdict = self._check_question(policy, group, query)
         if verdict is not None and verdict.blocks_on(transport):
-            return self._answer_blocked_question(policy, who, client, query, verdict, transport)
-        return self._answer_from_upstream(Asker(query, client, group, verdict, transport, policy, who.trusted))
+            return self._answer_blocked_question(policy, who, client, query, verdict, transport, port)
+        # The arrival time, for dnstap; -1: a walled garden's own lookup, not a client's query.
+        received = (self.tap.now_ns() if not self._following else -1) if self._tapping else 0
+        asker = Asker(query, client, group, verdict, transport, policy, who.trusted, port, received)
+        return self._answer_from_upstream(asker)
 
     # -- the steps ------------------------------------------------------------------------------
 
     def _answer_repeat(
-        self, repeat: Repeat, data: bytes, client: str, group: Group | None, transport: str
+        self, repeat: Repeat, data: bytes, client: str, group: Group | None, transport: str, port: int
     ) -> bytes | None:
         """The remembered answer for a repeated query, or None when it no longer holds."""
         if isinstance(repeat, BlockedRepeat):
@@ -225,6 +301,8 @@ class Resolver:
             if self._log_blocked:
                 self.observer.repeated(client, repeat.log_tail)
             self.watcher.question_blocked(repeat.name, repeat.verdict)
+            if self._tapping:
+                self.tap.repeated(client, port, transport, data, repeat)
             return data[:2] + repeat.answer_tail
         now = self.clock.seconds()
         if not self.cache.hit_if_current(repeat.cache_key, repeat.entry, now):
@@ -235,20 +313,28 @@ class Resolver:
             self.metrics.count_blocked(verdict.group.name, verdict.list_name, verdict.action)
         self.watcher.answer_seen(repeat.entry.info, verdict, group)
         query_id = (data[0] << 8) | data[1]
-        return self._deliver(repeat.entry, repeat.query, query_id, transport, client, group, verdict, now)
+        answer = self._deliver(repeat.entry, repeat.query, query_id, transport, client, group, verdict, now)
+        if self._tapping:
+            self.tap.answered(client, port, transport, data, answer, verdict, False, 0)
+        return answer
 
-    def _unreadable(self, unreadable: Unreadable, transport: str) -> bytes | None:
+    def _unreadable(self, unreadable: Unreadable, data: bytes, client: str, transport: str, port: int) -> bytes | None:
         if unreadable.answer is None:
             self.metrics.count_drop(unreadable.drop_reason)
             return None
         self.metrics.count_query(NO_GROUP, transport, unreadable.qtype)
         self.metrics.count_response(unreadable.rcode)
+        if self._tapping:
+            self.tap.answered(client, port, transport, data, unreadable.answer, None, False, 0)
         return unreadable.answer
 
-    def _refused(self, client: str, group: Group | None, query: Query) -> bytes:
+    def _refused(self, client: str, group: Group | None, query: Query, transport: str, port: int) -> bytes:
         self.metrics.count_response(wire.RCODE_REFUSED)
         self.observer.answered(client, group, query, None, wire.RCODE_REFUSED, denied=True)
-        return wire.error_response(query, wire.RCODE_REFUSED, wire.EDE_PROHIBITED, "client not allowed")
+        answer = wire.error_response(query, wire.RCODE_REFUSED, wire.EDE_PROHIBITED, "client not allowed")
+        if self._tapping:
+            self.tap.answered(client, port, transport, query.raw, answer, None, True, 0)
+        return answer
 
     def _check_question(self, policy: Policy, group: Group | None, query: Query) -> Verdict | None:
         if group is None:
@@ -259,13 +345,25 @@ class Resolver:
         return verdict
 
     def _answer_blocked_question(
-        self, policy: Policy, who: Client[Group], client: str, query: Query, verdict: Verdict, transport: str
+        self,
+        policy: Policy,
+        who: Client[Group],
+        client: str,
+        query: Query,
+        verdict: Verdict,
+        transport: str,
+        port: int,
     ) -> bytes | defer.Deferred[bytes | None] | None:
         answer = self._blocked(client, query, verdict)
         self.watcher.question_blocked(query.key, verdict)
         target = follow_target(verdict, query) if answer is not None and not self._following else None
         if answer is not None and target is not None:
-            return self._walled_garden(answer, target, query, client, transport)
+            garden = self._walled_garden(answer, target, query, client, transport)
+            if self._tapping:
+                self._tap_garden(garden, client, port, transport, query, verdict)
+            return garden
+        if self._tapping and not self._following:
+            self.tap.answered(client, port, transport, query.raw, answer, verdict, False, 0)
         # Not remembered: no answer (drop), or one that differs by transport (tcp-only).
         if answer is not None and verdict.action != "tcp-only" and self.repeats.may_remember(query, who.trusted):
             group = verdict.group
@@ -289,7 +387,7 @@ class Resolver:
             return answer
         self._following = True  # one step: a garden whose target is a garden again is not followed
         try:
-            followed = self.handle(message, client, transport)
+            followed = self.handle(message, client, transport, port=0)
         finally:
             self._following = False
         if followed is None:
@@ -297,6 +395,27 @@ class Resolver:
         if isinstance(followed, bytes):
             return splice(answer, followed)
         return followed.addCallback(lambda target_answer: splice(answer, target_answer) if target_answer else answer)
+
+    def _tap_garden(
+        self,
+        garden: bytes | defer.Deferred[bytes | None],
+        client: str,
+        port: int,
+        transport: str,
+        query: Query,
+        verdict: Verdict,
+    ) -> None:
+        """The walled-garden answer as the client gets it (the CNAME and its target's answer)."""
+        if isinstance(garden, bytes):
+            self.tap.answered(client, port, transport, query.raw, garden, verdict, False, 0)
+            return
+        received = self.tap.now_ns()
+
+        def tap(answer: bytes | None) -> bytes | None:
+            self.tap.answered(client, port, transport, query.raw, answer, verdict, False, received)
+            return answer
+
+        garden.addCallback(tap)
 
     def _answer_from_upstream(self, asker: Asker) -> bytes | defer.Deferred[bytes | None] | None:
         """From the cache, or by joining the same question in flight, or by forwarding it."""
@@ -350,11 +469,20 @@ class Resolver:
         verdict = self._check_answer(asker, info)
         self.watcher.answer_seen(info, verdict, asker.group)
         if verdict is not None and verdict.blocks_on(asker.transport):
-            return self._blocked(asker.client, asker.query, verdict)
-        query = asker.query
-        if self.repeats.may_remember(query, asker.trusted) and self.cache.holds(key, entry):
-            self.repeats.remember(asker.policy, asker.group, query.raw, CachedRepeat(key, entry, query, verdict))
-        return self._deliver(entry, query, query.id, asker.transport, asker.client, asker.group, verdict, now)
+            answer = self._blocked(asker.client, asker.query, verdict)
+        else:
+            query = asker.query
+            if self.repeats.may_remember(query, asker.trusted) and self.cache.holds(key, entry):
+                self.repeats.remember(asker.policy, asker.group, query.raw, CachedRepeat(key, entry, query, verdict))
+            answer = self._deliver(entry, query, query.id, asker.transport, asker.client, asker.group, verdict, now)
+        if self._tapping:
+            self._tap_asker(asker, answer, verdict)
+        return answer
+
+    def _tap_asker(self, asker: Asker, answer: bytes | None, verdict: Verdict | None) -> None:
+        if asker.received_ns >= 0:  # not a walled garden's own lookup
+            raw = asker.query.raw
+            self.tap.answered(asker.client, asker.port, asker.transport, raw, answer, verdict, False, asker.received_ns)
 
     def _check_answer(self, asker: Asker, info: AnswerInfo) -> Verdict | None:
         """The verdict the answer gets: a blocking one from its CNAME chain or addresses, else the
@@ -408,4 +536,7 @@ class Resolver:
     def _servfail(self, asker: Asker, reason: str) -> bytes:
         self.metrics.count_response(wire.RCODE_SERVFAIL)
         self.observer.answered(asker.client, asker.group, asker.query, asker.verdict, wire.RCODE_SERVFAIL)
-        return wire.error_response(asker.query, wire.RCODE_SERVFAIL, wire.EDE_NO_REACHABLE_AUTHORITY, reason)
+        answer = wire.error_response(asker.query, wire.RCODE_SERVFAIL, wire.EDE_NO_REACHABLE_AUTHORITY, reason)
+        if self._tapping:
+            self._tap_asker(asker, answer, asker.verdict)
+        return answer

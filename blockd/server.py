@@ -68,7 +68,7 @@ class DNSDatagramProtocol(protocol.DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: tuple[Any, ...]) -> None:  # noqa: N802 (Twisted API)
         try:
-            result = self.resolver.handle(data, addr[0], "udp")
+            result = self.resolver.handle(data, addr[0], "udp", addr[1])
         except Exception:  # noqa: BLE001 - one bad packet must never stop the listener
             _log.failure("query from {client} failed", client=addr[0])
             return
@@ -101,6 +101,7 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.pending = 0
         self.paused = False
         self.client = ""
+        self.port = 0
 
     @property
     def _stream(self) -> StreamTransport:
@@ -113,7 +114,8 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
         return self.factory.clock.callLater(period, func)
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
-        self.client = self._stream.getPeer().host
+        peer = self._stream.getPeer()
+        self.client, self.port = peer.host, peer.port
         self.factory.connections += 1
         if self.factory.connections > self.factory.max_connections:
             self._stream.abortConnection()
@@ -134,7 +136,7 @@ class DNSStreamProtocol(protocol.Protocol, TimeoutMixin):
 
     def _answer(self, message: bytes) -> None:
         try:
-            result = self.factory.resolver.handle(message, self.client, "tcp")
+            result = self.factory.resolver.handle(message, self.client, "tcp", self.port)
         except Exception:  # noqa: BLE001 - one bad query must never kill the connection handler
             _log.failure("query from {client} failed", client=self.client)
             return

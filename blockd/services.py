@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, ServerFactory
 from twisted.logger import Logger
 
 from blockd.config import Endpoint
+from blockd.dnstap import ENCODE_INTERVAL, DnstapSink
 from blockd.querylog import QueryLog
 from blockd.resolver import Resolver
 from blockd.server import DNSDatagramProtocol, DNSStreamFactory
@@ -159,3 +160,25 @@ class QueryLogService(service.Service):
     def stopService(self) -> None:  # noqa: N802 (Twisted API)
         super().stopService()
         self.query_log.stop()
+
+
+class DnstapService(service.Service):
+    """The dnstap sink: the reactor encodes every ENCODE_INTERVAL, a thread writes.  Started
+    before the listeners, stopped after them (the last lookups encoded, then STOP and FINISH)."""
+
+    def __init__(self, sink: DnstapSink, clock: IReactorTime):
+        self.sink = sink
+        self.encoding = task.LoopingCall(sink.encode)
+        self.encoding.clock = clock
+
+    def startService(self) -> None:  # noqa: N802 (Twisted API)
+        super().startService()
+        self.sink.start()
+        self.encoding.start(ENCODE_INTERVAL, now=False)
+
+    def stopService(self) -> None:  # noqa: N802 (Twisted API)
+        super().stopService()
+        if self.encoding.running:
+            self.encoding.stop()
+        self.sink.encode()
+        self.sink.stop()

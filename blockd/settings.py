@@ -47,6 +47,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log.queries", lambda c: c.log.queries, live=False),
     Setting("log.path", lambda c: c.log.path, live=False),
     Setting("log.client_ip", lambda c: c.log.client_ip, live=False),
+    Setting("dnstap", lambda c: c.dnstap, live=False),
     Setting("groups.*.interfaces/vlans", _interface_selectors, live=False),
     Setting("server.state_dir", lambda c: c.server.state_dir, live=False),
     Setting("lists.*.zone/primaries/tsig", _transferred_lists, live=False),

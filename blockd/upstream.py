@@ -20,6 +20,7 @@ from typing import Any, Protocol, cast
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IConnector, IDelayedCall, IReadDescriptor, ITCPTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from blockd.config import Endpoint
@@ -56,6 +57,10 @@ class UpstreamReactor(TCPClientReactor, Protocol):
     def addReader(self, reader: IReadDescriptor) -> None: ...  # noqa: N802 (Twisted API)
 
     def removeReader(self, reader: IReadDescriptor) -> None: ...  # noqa: N802 (Twisted API)
+
+
+# (upstream host, port, transport, the query as sent, when (ns), its answer or None)
+ForwarderTap = Callable[[str, int, str, bytes, int, "bytes | None"], None]
 
 
 class UpstreamError(Exception):
@@ -180,6 +185,7 @@ class Upstreams:
         timeout: float,
         record: Callable[[str, str, float | None], None] = lambda upstream, result, seconds: None,
         max_in_flight: int = 4096,
+        tap: ForwarderTap | None = None,
     ):
         self.reactor = reactor
         self.servers = list(servers)
@@ -187,6 +193,7 @@ class Upstreams:
         self.record = record
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.tap = tap  # dnstap's FORWARDER_QUERY/RESPONSE: every exchange, with its wire messages
 
     @defer.inlineCallbacks
     def resolve(self, message: bytes, question: bytes) -> Generator[defer.Deferred[bytes], bytes, bytes]:
@@ -202,10 +209,10 @@ class Upstreams:
                 name = str(server)
                 started = time.monotonic()
                 try:
-                    answer = yield self._udp(server, message, question)
+                    answer = yield self._exchange(self._udp, "udp", server, message, question)
                     if struct.unpack_from("!H", answer, 2)[0] & FLAG_TC:
                         self.record(name, "truncated", None)
-                        answer = yield self._tcp(server, message, question)
+                        answer = yield self._exchange(self._tcp, "tcp", server, message, question)
                 except _Failed as failed:
                     self.record(name, failed.result, None)
                     continue
@@ -215,15 +222,37 @@ class Upstreams:
         finally:
             self.in_flight -= 1
 
-    def _udp(self, server: Endpoint, message: bytes, question: bytes) -> defer.Deferred[bytes]:
+    def _exchange(
+        self,
+        send: Callable[[Endpoint, bytes, int, bytes], defer.Deferred[bytes]],
+        transport: str,
+        server: Endpoint,
+        message: bytes,
+        question: bytes,
+    ) -> defer.Deferred[bytes]:
+        """One attempt with a fresh random ID, reported to the tap when one is set."""
         query_id = secrets.randbits(16)
+        outgoing = struct.pack("!H", query_id) + message[2:]
+        tap = self.tap
+        if tap is None:
+            return send(server, outgoing, query_id, question)
+        sent_ns = time.time_ns()
+
+        def report(result: bytes | Failure) -> bytes | Failure:
+            answer = result if isinstance(result, bytes) else None
+            tap(server.host, server.port, transport, outgoing, sent_ns, answer)
+            return result
+
+        return send(server, outgoing, query_id, question).addBoth(report)
+
+    def _udp(self, server: Endpoint, outgoing: bytes, query_id: int, question: bytes) -> defer.Deferred[bytes]:
         try:
             attempt = _UDPAttempt(server, query_id, question, lambda: self.record(str(server), "mismatch", None))
         except OSError as exc:
             _log.warn("upstream {server}: cannot open a socket: {error}", server=str(server), error=exc)
             return defer.fail(_Failed("error"))
         try:
-            attempt.socket.send(struct.pack("!H", query_id) + message[2:])
+            attempt.socket.send(outgoing)
         except OSError as exc:
             attempt.socket.close()
             refused = exc.errno == errno.ECONNREFUSED
@@ -236,10 +265,9 @@ class Upstreams:
 
         return self._with_timeout(attempt.deferred, close)
 
-    def _tcp(self, server: Endpoint, message: bytes, question: bytes) -> defer.Deferred[bytes]:
-        query_id = secrets.randbits(16)
+    def _tcp(self, server: Endpoint, outgoing: bytes, query_id: int, question: bytes) -> defer.Deferred[bytes]:
         deferred: defer.Deferred[bytes] = defer.Deferred()
-        attempt = _TCPAttempt(struct.pack("!H", query_id) + message[2:], query_id, question, deferred)
+        attempt = _TCPAttempt(outgoing, query_id, question, deferred)
         connector = self.reactor.connectTCP(server.host, server.port, _TCPAttemptFactory(attempt), timeout=self.timeout)
 
         def close() -> None:

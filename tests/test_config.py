@@ -25,6 +25,7 @@ from blockd.config import (
     CacheConfig,
     Config,
     ConfigError,
+    DnstapConfig,
     Endpoint,
     GroupConfig,
     ListConfig,
@@ -42,7 +43,8 @@ BASE = Path("/srv/blockd")
 RESOLV = "<resolv.conf>"
 LOCAL_RESOLV = "nameserver 127.0.0.1\n"
 
-SECTIONS = "server, upstream, metrics, log, cache, lists, groups, egress"
+SOCKET_FORMS = 'expected "unix:/path/to.sock" or "tcp:address:port"'
+SECTIONS = "server, upstream, metrics, log, cache, lists, groups, egress, dnstap"
 SERVER_KEYS = "listen, allow, pidfile, tcp_idle_timeout, tcp_max_connections, trusted_forwarders, state_dir"
 EGRESS_KEYS = (
     "enabled, table, rule_priority, route_protocol, prefixes, learn, learn_min_ttl, learn_max, never, on_exit, "
@@ -532,6 +534,56 @@ CASES = [
         "metrics.listen: '127.0.0.1:0': port 0 out of range 1..65535",
     ),
     err("metrics-missing-bracket", 'metrics.listen = "[::1:9553"', "metrics.listen: '[::1:9553': missing ']'"),
+    # -- dnstap ----------------------------------------------------------------------------------
+    ok("dnstap-off-by-default", "", "dnstap", DnstapConfig()),
+    ok("dnstap-unix-relative", 'dnstap.socket = "unix:run/dt.sock"', "dnstap.target", f"unix:{BASE / 'run/dt.sock'}"),
+    ok(
+        "dnstap-unix-absolute",
+        'dnstap.socket = "unix:/run/blockd/dt.sock"',
+        "dnstap.target",
+        "unix:/run/blockd/dt.sock",
+    ),
+    ok("dnstap-tcp", 'dnstap.socket = "tcp:127.0.0.1:6000"', "dnstap.target", "tcp:127.0.0.1:6000"),
+    ok("dnstap-tcp-default-port", 'dnstap.socket = "tcp:127.0.0.1"', "dnstap.target", "tcp:127.0.0.1:6000"),
+    ok("dnstap-tcp-v6", 'dnstap.socket = "tcp:[::1]:6000"', "dnstap.target", "tcp:[::1]:6000"),
+    ok("dnstap-file", 'dnstap.file = "tap/blockd.fstrm"', "dnstap.target", f"file:{BASE / 'tap/blockd.fstrm'}"),
+    ok("dnstap-messages", 'dnstap.messages = "blocked"', "dnstap.messages", "blocked"),
+    ok("dnstap-forwarder", "dnstap.forwarder = true", "dnstap.forwarder", True),
+    ok("dnstap-identity", 'dnstap.identity = "resolver-brussels-1"', "dnstap.identity", "resolver-brussels-1"),
+    err(
+        "dnstap-socket-kind",
+        'dnstap.socket = "udp:127.0.0.1:6000"',
+        "dnstap.socket: 'udp:127.0.0.1:6000': " + SOCKET_FORMS,
+    ),
+    err(
+        "dnstap-socket-bare-path",
+        'dnstap.socket = "/run/dt.sock"',
+        "dnstap.socket: '/run/dt.sock': " + SOCKET_FORMS,
+    ),
+    err(
+        "dnstap-tcp-host-name",
+        'dnstap.socket = "tcp:collector:6000"',
+        "dnstap.socket: 'collector:6000': 'collector' is not an IP address",
+    ),
+    err(
+        "dnstap-unix-nul",
+        'dnstap.socket = "unix:/run/a\\u0000b"',
+        "dnstap.socket: 'unix:/run/a\\x00b': NUL in the socket path",
+    ),
+    err("dnstap-both", 'dnstap.socket = "unix:/a"\ndnstap.file = "/b"', "dnstap.file: set socket or file, not both"),
+    err(
+        "dnstap-messages-bad",
+        'dnstap.messages = "queries"',
+        "dnstap.messages: 'queries' is not one of all, blocked, responses",
+    ),
+    err(
+        "dnstap-forwarder-not-bool", 'dnstap.forwarder = "yes"', "dnstap.forwarder: must be true or false, not a string"
+    ),
+    err(
+        "dnstap-unknown-key",
+        'dnstap.path = "/a"',
+        "dnstap.path: unknown key (known: socket, file, identity, version, messages, forwarder)",
+    ),
     # -- log -------------------------------------------------------------------------------------
     ok("log-path-relative-to-config-dir", 'log.path = "log/queries.log"', "log.path", str(BASE / "log/queries.log")),
     ok("log-path-absolute", 'log.path = "/var/log/blockd.log"', "log.path", "/var/log/blockd.log"),

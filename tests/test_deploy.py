@@ -74,6 +74,9 @@ ALLOWED_METRICS = frozenset(
         "blockd_zone_transfer_duration_seconds_sum",
         "blockd_zone_transfer_duration_seconds_count",
         "blockd_notify_total",
+        # [dnstap] on only.
+        "blockd_dnstap_frames_total",
+        "blockd_dnstap_collector_up",
         "up",  # Prometheus's own, for BlockdDown
     }
 )
@@ -93,7 +96,14 @@ def exported_metric_names() -> set[str]:
     """Every sample name blockd's metrics export, egress and interface groups included."""
     from prometheus_client import CollectorRegistry
 
-    from blockd.metrics import CacheCollector, EgressCollector, EgressMetrics, ListSizeCollector, Metrics
+    from blockd.metrics import (
+        CacheCollector,
+        DnstapMetrics,
+        EgressCollector,
+        EgressMetrics,
+        ListSizeCollector,
+        Metrics,
+    )
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -104,6 +114,7 @@ def exported_metric_names() -> set[str]:
     EgressMetrics(registry)
     registry.register(EgressCollector(_Counts()))
     registry.register(_zone_collector())
+    DnstapMetrics(registry)
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 

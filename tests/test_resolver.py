@@ -114,6 +114,37 @@ class RecordingObserver:
         self.repeats.append((client, tail))
 
 
+class RecordingTap:
+    """A WireTap (dnstap) that keeps what it is told; its clock is the test's."""
+
+    active = True
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, str, bytes, bytes | None, str | None, bool, int]] = []
+        self.clock_ns = 1_000
+
+    def now_ns(self) -> int:
+        return self.clock_ns
+
+    def answered(
+        self,
+        client: str,
+        port: int,
+        transport: str,
+        query: bytes,
+        answer: bytes | None,
+        verdict: Verdict | None,
+        denied: bool,
+        received_ns: int,
+    ) -> None:
+        action = verdict.action if verdict is not None else None
+        self.events.append((client, port, transport, query, answer, action, denied, received_ns))
+
+    def repeated(self, client: str, port: int, transport: str, query: bytes, repeat: BlockedRepeat) -> None:
+        answer = query[:2] + repeat.answer_tail  # what the client got
+        self.events.append((client, port, transport, query, answer, repeat.verdict.action, False, 0))
+
+
 class RecordingWatcher(IgnoreAnswers):
     def __init__(self) -> None:
         self.answers: list[tuple[tuple[str, ...], str | None]] = []
@@ -127,7 +158,9 @@ class RecordingWatcher(IgnoreAnswers):
 
 
 class Harness:
-    def __init__(self, directory: Path, config_text: str = CONFIG, tiktok: str = "tiktok.com\n"):
+    def __init__(
+        self, directory: Path, config_text: str = CONFIG, tiktok: str = "tiktok.com\n", tap: RecordingTap | None = None
+    ):
         self.directory = directory
         (directory / "tiktok.txt").write_text(tiktok)
         (directory / "watch.txt").write_text("watched.example\n")
@@ -150,6 +183,7 @@ class Harness:
             self.watcher,
             self.repeats,
             NoZones(),
+            tap=tap,
         )
 
     def build(self) -> Policy:
@@ -472,3 +506,49 @@ def test_unreadable_packets(harness: Harness) -> None:
     assert isinstance(answer, bytes) and answer[3] & 0x0F == wire.RCODE_NOTIMP
     dropped = harness.metrics.registry.get_sample_value("blockd_dns_dropped_total", {"reason": "short"})
     assert dropped == 1
+
+
+# --- the wire tap (dnstap): one report per answer, with the bytes the client sent and got -------
+
+
+def test_the_tap_sees_every_answer_with_its_wire_messages(tmp_path: Path) -> None:
+    tap = RecordingTap()
+    harness = Harness(tmp_path, tap=tap)
+    query = dns.message.make_query("www.tiktok.com", "A").to_wire()
+    blocked = harness.resolver.handle(query, GOV, "udp", 40000)
+    repeat_query = b"\x42\x42" + query[2:]
+    repeated = harness.resolver.handle(repeat_query, GOV, "tcp", 40001)
+    refused_query = dns.message.make_query("example.com", "A").to_wire()
+    refused = harness.resolver.handle(refused_query, BARRED, "udp", 40002)
+    tap.clock_ns = 5_000  # the forwarded query arrives now; its answer comes later
+    forwarded_query = dns.message.make_query("example.com", "A").to_wire()
+    pending = harness.resolver.handle(forwarded_query, OTHER, "udp", 40003)
+    assert tap.events == [
+        (GOV, 40000, "udp", query, blocked, "sinkhole", False, 0),
+        (GOV, 40001, "tcp", repeat_query, repeated, "sinkhole", False, 0),
+        (BARRED, 40002, "udp", refused_query, refused, None, True, 0),
+    ]
+    harness.upstreams.answer()
+    answer = pending.result  # type: ignore[union-attr]
+    assert tap.events[-1] == (OTHER, 40003, "udp", forwarded_query, answer, None, False, 5_000)
+    cached = harness.resolver.handle(forwarded_query, OTHER, "udp", 40004)  # a cache hit: answered now
+    assert tap.events[-1] == (OTHER, 40004, "udp", forwarded_query, cached, None, False, 0)
+
+
+def test_the_tap_sees_a_failed_forward_as_its_servfail(tmp_path: Path) -> None:
+    tap = RecordingTap()
+    harness = Harness(tmp_path, tap=tap)
+    query = dns.message.make_query("watched.example", "A").to_wire()
+    pending = harness.resolver.handle(query, OTHER, "tcp", 7)
+    harness.upstreams.sent[-1][2].errback(UpstreamError("no upstream answered"))
+    servfail = pending.result  # type: ignore[union-attr]
+    assert dns.message.from_wire(servfail).rcode() == dns.rcode.SERVFAIL
+    assert tap.events == [(OTHER, 7, "tcp", query, servfail, "monitor", False, 1_000)]
+
+
+def test_an_unreadable_packet_is_tapped_with_its_answer(tmp_path: Path) -> None:
+    tap = RecordingTap()
+    harness = Harness(tmp_path, tap=tap)
+    packet = b"\x12\x34\x01\x00\x00\x02" + b"\x00" * 6  # two questions: FORMERR
+    answer = harness.resolver.handle(packet, OTHER, "udp", 9)
+    assert isinstance(answer, bytes) and tap.events == [(OTHER, 9, "udp", packet, answer, None, False, 0)]

@@ -36,7 +36,9 @@ class FakeResolver:
         self.calls: list[tuple[bytes, str, str]] = []
         self.deferreds: dict[bytes, defer.Deferred[bytes | None]] = {}
 
-    def handle(self, data: bytes, client: str, transport: str) -> bytes | defer.Deferred[bytes | None] | None:
+    def handle(
+        self, data: bytes, client: str, transport: str, port: int = 0
+    ) -> bytes | defer.Deferred[bytes | None] | None:
         self.calls.append((data, client, transport))
         if data.startswith(b"boom"):
             raise ValueError("resolver bug")
