@@ -264,61 +264,53 @@ class PayloadEncoder:
 
         A repeat's query (after its ID) and answer (after the same ID) are the same bytes each
         time, so everything between the per-query fields is kept per (repeat, client): a
-        lookup's two frames are one join of twelve parts.  Measured per lookup, both frames:
-        ~1.2 us, against ~2.3 us through client_stream() and ~11 us through the protobuf library.
-        (Building the parts column by column with map() and zip(), as the query log does,
-        measured no faster: twelve parts a lookup are too many passes.)
+        lookup's two frames are one join of twelve parts, in one loop with no call per lookup.
+        Measured per lookup, both frames: ~1 us, against ~2.3 us through client_stream() and
+        ~11 us through the protobuf library.  (Building the parts column by column with map()
+        and zip(), as the query log does, measured no faster: twelve parts are too many passes.)
         """
-        return b"".join([self._repeat_stream(*event, policy_of, with_query) for event in events])
-
-    def _repeat_stream(
-        self,
-        host: str,
-        port: int,
-        transport: str,
-        query: bytes,
-        repeat: BlockedRepeat,
-        at_ns: int,
-        policy_of: Callable[[Verdict], PolicyFacts],
-        with_query: bool,
-    ) -> bytes:
-        second, nano = divmod(at_ns, _NS)
-        if not _SECOND_LOW <= second < _SECOND_HIGH:  # the kept parts assume a 5-byte seconds field
-            answer = query[:2] + repeat.answer_tail
-            return self.client_stream(
-                host, port, transport, query, answer, at_ns, at_ns, policy_of(repeat.verdict), with_query
-            )
-        if second != self._second:
-            self._times(second)
-        port_field = self._ports[port]
-        key = (repeat, host, transport, len(port_field))
         kept_for = self._kept[with_query]
-        kept = kept_for.get(key)
-        if kept is None:
-            kept = self._keep_repeat(key, repeat, host, port, transport, query, policy_of(repeat.verdict), with_query)
-        _, query_head, query_size, between, response_size, response_tail = kept
-        nanoseconds = _FIXED32(nano)
-        query_time = self._query_second + nanoseconds
-        query_id = query[:2]
-        response_time = self._response_second + nanoseconds
-        if not with_query:
-            return b"".join((between, port_field, query_time, response_time, response_size, query_id, response_tail))
-        return b"".join(
-            (
-                query_head,
-                port_field,
-                query_time,
-                query_size,
-                query_id,
-                between,
-                port_field,
-                query_time,
-                response_time,
-                response_size,
-                query_id,
-                response_tail,
-            )
-        )
+        ports = self._ports
+        fixed32 = _FIXED32
+        frames: list[bytes] = []
+        append = frames.append
+        current = -1  # the second whose time fields are in self._query_second and _response_second
+        for event in events:
+            host, port, transport, query, repeat, at_ns = event
+            second, nano = divmod(at_ns, _NS)
+            if second != current:
+                if not _SECOND_LOW <= second < _SECOND_HIGH:  # kept parts assume a 5-byte seconds field
+                    answer = query[:2] + repeat.answer_tail
+                    policy = policy_of(repeat.verdict)
+                    append(self.client_stream(host, port, transport, query, answer, at_ns, at_ns, policy, with_query))
+                    current = -1
+                    continue
+                if second != self._second:
+                    self._times(second)
+                current = second
+            port_field = ports[port]
+            key = (repeat, host, transport, len(port_field))
+            kept = kept_for.get(key)
+            if kept is None:
+                policy = policy_of(repeat.verdict)
+                kept = self._keep_repeat(key, repeat, host, port, transport, query, policy, with_query)
+            nanoseconds = fixed32(nano)
+            query_time = self._query_second + nanoseconds
+            query_id = query[:2]
+            if with_query:
+                append(kept[1])  # the query frame up to its per-query fields
+                append(port_field)
+                append(query_time)
+                append(kept[2])  # the query's length field
+                append(query_id)
+            append(kept[3])  # the query after its ID (with_query), then the response frame's head
+            append(port_field)
+            append(query_time)
+            append(self._response_second + nanoseconds)
+            append(kept[4])  # the response's length field
+            append(query_id)
+            append(kept[5])  # the response after its ID
+        return b"".join(frames)
 
     def _keep_repeat(
         self,
