@@ -218,18 +218,20 @@ def dnstap_lines(runs: list[PerfResult], facts: list[dict[str, float]]) -> list[
     lines = [
         "",
         'dnstap frames of each "on" instance (its warm-up, its measured run, its answer check and start-up '
-        "probes): blockd's `blockd_dnstap_frames_total` once its queue had drained, twice the queries it answered "
-        "(`blockd_dns_queries_total`: CLIENT_QUERY + CLIENT_RESPONSE each), and the data frames in fstrm_capture's "
-        "file once blockd and then fstrm_capture were stopped (SIGTERM).",
+        "probes): blockd's `blockd_dnstap_frames_total` once its queue had drained, the frames of the queries it "
+        "answered (`blockd_dns_queries_total` x 2 for CLIENT_QUERY + CLIENT_RESPONSE, x 1 with `messages = "
+        '"responses"`), and the data frames in fstrm_capture\'s file once blockd and then fstrm_capture were '
+        "stopped (SIGTERM).",
         "",
-        "| on run | blocked qps | frames sent | frames dropped | 2 x answered | frames in the file | file, MB "
-        "| file complete (ends with STOP) |",
+        "| on run | blocked qps | frames sent | frames dropped | frames of the answered | frames in the file "
+        "| file, MB | file complete (ends with STOP) |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for index, (run, fact) in enumerate(zip(runs, facts, strict=True), 1):
         lines.append(
             f"| {index} | {run.qps:,.0f} | {fact['frames_sent']:,.0f} | {fact['frames_dropped']:,.0f} "
-            f"| {2 * fact['queries']:,.0f} | {fact['capture_frames']:,.0f} | {fact['capture_bytes'] / 2**20:.1f} "
+            f"| {fact['frames_per_query'] * fact['queries']:,.0f} | {fact['capture_frames']:,.0f} "
+            f"| {fact['capture_bytes'] / 2**20:.1f} "
             f"| {'yes' if fact['capture_complete'] else '**no**'} (fstrm_capture exit {fact['capture_rc']:g}) |"
         )
     lines.append("")
@@ -238,14 +240,18 @@ def dnstap_lines(runs: list[PerfResult], facts: list[dict[str, float]]) -> list[
             f'**{dropped:,.0f} frames were dropped** ({sent:,.0f} sent): blockd shed dnstap work, so the "on" '
             "figure is not the cost of streaming every lookup and the ratio is **meaningless**."
         )
-    elif any(f["capture_frames"] != f["frames_sent"] or 2 * f["queries"] != f["frames_sent"] for f in facts):
+    elif any(
+        f["capture_frames"] != f["frames_sent"] or f["frames_per_query"] * f["queries"] != f["frames_sent"]
+        for f in facts
+    ):
         lines.append(
-            f"Frames sent {sent:,.0f}, dropped 0, but the counts above disagree (sent vs 2 x answered vs the "
+            f"Frames sent {sent:,.0f}, dropped 0, but the counts above disagree (sent vs answered vs the "
             "file): read the ratio with care."
         )
     else:
         lines.append(
-            f"Frames sent {sent:,.0f}, dropped 0: every answered query reached fstrm_capture as its two frames."
+            f"Frames sent {sent:,.0f}, dropped 0: every answered query reached fstrm_capture as its "
+            f"{'two frames' if facts[0]['frames_per_query'] == 2 else 'CLIENT_RESPONSE'}."
         )
     return lines
 
@@ -452,7 +458,7 @@ def toggles_report(bench: Bench, tools: dict[str, str], started: datetime.dateti
             f"- dnstap collector: `fstrm_capture -t protobuf:dnstap.Dnstap -u SOCK -w FILE` "
             f'({first_line(["dpkg-query", "-W", "-f", "fstrm-bin ${Version}", "fstrm-bin"])}), one per "on" '
             f"instance, started before it, on CPU {CLIENT_CPU} (counted as the benchmark's in 'others'), "
-            "socket and file in the temp dir"
+            "socket in the temp dir, file on tmpfs (/dev/shm, deleted once counted)"
         )
     body += [
         "",

@@ -55,6 +55,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "without, fresh instances alternating, best of --repeat each (with --metrics-off: that one too)",
     )  # fmt: skip
     parser.add_argument(
+        "--dnstap-messages", choices=("all", "responses"), default="all",
+        help="with --dnstap: the [dnstap] messages of the 'on' instances (default all: CLIENT_QUERY + CLIENT_RESPONSE)",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", action="store_true", help="also profile blockd with py-spy (blocked and cache-hit runs)"
     )
     parser.add_argument("--profile-top", type=int, default=15, help="functions listed from the profile")

@@ -275,6 +275,23 @@ DNSTAP_TYPE = "protobuf:dnstap.Dnstap"
 FSTRM_STOP = 3  # the Frame Streams control frame a closed stream ends with
 
 
+def dnstap_toggle(messages: str) -> Toggle:
+    """The dnstap on/off comparison, blockd streaming with [dnstap] messages = `messages`."""
+    return Toggle(
+        slug="dnstap",
+        what="dnstap",
+        title="dnstap to fstrm_capture",
+        on=Blockd(dnstap=True, dnstap_messages=messages),
+        off=Blockd(),
+        on_config=f'metrics on, `[log] queries = "blocked"`, `[dnstap] socket = "unix:…"` (`messages = "{messages}"`) '
+        "to `fstrm_capture`",
+        off_config='metrics on, `[log] queries = "blocked"`, no `[dnstap]`',
+        pairs=None,
+        target=0.8,
+        alone=True,
+    )
+
+
 def capture_dir(ctx: Context) -> Path:
     """Where fstrm_capture writes: tmpfs when there is one, so that writing back a few hundred MB of
     capture to this machine's disk does not slow the run (it measures blockd, not the disk)."""
@@ -327,6 +344,7 @@ class Blockd(Server):
     kind: ClassVar[str] = "blockd"
     metrics: bool = True
     dnstap: bool = False
+    dnstap_messages: str = "all"  # [dnstap] messages: all (CLIENT_QUERY + CLIENT_RESPONSE) | responses
     drain_limit: float = 30.0  # seconds finish() waits for the dnstap queue to drain
 
     def launch(self, name: str, port: int, listset: ListSet, ctx: Context) -> Launch:
@@ -344,7 +362,11 @@ class Blockd(Server):
                 metrics_listen=f"127.0.0.1:{metrics_port}" if self.metrics else "",
                 log_queries="blocked" if self.metrics else "none",
                 log_path=log_path,
-                dnstap=f'[dnstap]\nsocket = "unix:{capture.socket}"\n' if capture is not None else "",
+                dnstap=(
+                    f'[dnstap]\nsocket = "unix:{capture.socket}"\nmessages = "{self.dnstap_messages}"\n'
+                    if capture is not None
+                    else ""
+                ),
                 lists=lists,
                 list_names=", ".join(f'"{n}"' for n in listset.files),
             )
@@ -405,6 +427,7 @@ class Blockd(Server):
         facts["capture_bytes"] = capture.path.stat().st_size if capture.path.exists() else 0
         frames, complete = capture_frames(capture.path) if capture.path.exists() else (0, False)
         facts["capture_frames"], facts["capture_complete"] = frames, complete
+        facts["frames_per_query"] = 2 if self.dnstap_messages == "all" else 1
         capture.path.unlink(missing_ok=True)  # counted: hundreds of MB on tmpfs are not kept
         return facts
 
@@ -636,19 +659,7 @@ TOGGLES: dict[str, Toggle] = {
         on_config='metrics on, `[log] queries = "blocked"`',
         off_config='`[metrics] listen = ""`, `[log] queries = "none"`',
     ),
-    "dnstap": Toggle(
-        slug="dnstap",
-        what="dnstap",
-        title="dnstap to fstrm_capture",
-        on=Blockd(dnstap=True),
-        off=Blockd(),
-        on_config='metrics on, `[log] queries = "blocked"`, `[dnstap] socket = "unix:…"` (`messages = "all"`) '
-        "to `fstrm_capture`",
-        off_config='metrics on, `[log] queries = "blocked"`, no `[dnstap]`',
-        pairs=None,
-        target=0.8,
-        alone=True,
-    ),
+    "dnstap": dnstap_toggle("all"),
 }
 
 

@@ -43,6 +43,7 @@ from servers import (
     UnboundRpz,
     ask,
     build_servers,
+    dnstap_toggle,
     scrape,
     start_upstream,
     stop,
@@ -296,7 +297,8 @@ class Bench:
         `alone` (--dnstap) does instead of the qps suite; --metrics-off given with it runs in the same run."""
         sets = list_sets(self.tmp, self.ctx.src, None)
         self.upstream = start_upstream(self.ctx)
-        for option, toggle in TOGGLES.items():
+        toggles = dict(TOGGLES, dnstap=dnstap_toggle(self.args.dnstap_messages))
+        for option, toggle in toggles.items():
             if getattr(self.args, option):
                 self.compare(toggle, sets["shipped"])
 

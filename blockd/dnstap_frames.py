@@ -273,7 +273,7 @@ class PayloadEncoder:
         ports = self._ports
         fixed32 = _FIXED32
         frames: list[bytes] = []
-        append = frames.append
+        append, extend = frames.append, frames.extend
         current = -1  # the second whose time fields are in self._query_second and _response_second
         for event in events:
             host, port, transport, query, repeat, at_ns = event
@@ -297,19 +297,12 @@ class PayloadEncoder:
             nanoseconds = fixed32(nano)
             query_time = self._query_second + nanoseconds
             query_id = query[:2]
-            if with_query:
-                append(kept[1])  # the query frame up to its per-query fields
-                append(port_field)
-                append(query_time)
-                append(kept[2])  # the query's length field
-                append(query_id)
-            append(kept[3])  # the query after its ID (with_query), then the response frame's head
-            append(port_field)
-            append(query_time)
-            append(self._response_second + nanoseconds)
-            append(kept[4])  # the response's length field
-            append(query_id)
-            append(kept[5])  # the response after its ID
+            if with_query:  # the query frame up to its per-query fields, its length field, ...
+                extend((kept[1], port_field, query_time, kept[2], query_id))
+            response_time = self._response_second + nanoseconds
+            # the query after its ID (with_query) and the response frame's head, its length field, the
+            # response after its ID
+            extend((kept[3], port_field, query_time, response_time, kept[4], query_id, kept[5]))
         return b"".join(frames)
 
     def _keep_repeat(
