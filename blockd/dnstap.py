@@ -129,10 +129,10 @@ class DnstapSink:
             (_CLIENT, client, port, transport, query, answer, verdict, denied, received_ns, self.clock_ns())
         )
 
-    def repeated(self, client: str, port: int, transport: str, query: bytes, repeat: BlockedRepeat) -> None:
+    def repeated(self, client: str, port: int, transport: str, query_id: bytes, repeat: BlockedRepeat) -> None:
         """A repeated blocked query (blockd.repeats): the hot path, so one append and nothing else
         (the bound is applied when the reactor next encodes, at most ENCODE_INTERVAL later)."""
-        self.repeats.append((client, port, transport, query, repeat, self.clock_ns()))
+        self.repeats.append((client, port, transport, query_id, repeat, self.clock_ns()))
 
     def forwarded(self, host: str, port: int, transport: str, query: bytes, sent_ns: int, answer: bytes | None) -> None:
         """One exchange with an upstream (answer None: it failed)."""

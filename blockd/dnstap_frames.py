@@ -260,7 +260,8 @@ class PayloadEncoder:
         with_query: bool,
     ) -> bytes:
         """client_stream() for repeated blocked queries (blockd.repeats), each (client, port,
-        transport, query, repeat, answered at): the blocked path.
+        transport, query ID, repeat, answered at): the blocked path.  The query is the ID and
+        repeat.query_tail, the answer the ID and repeat.answer_tail.
 
         A repeat's query (after its ID) and answer (after the same ID) are the same bytes each
         time, so everything between the per-query fields is kept per (repeat, client): a
@@ -276,11 +277,12 @@ class PayloadEncoder:
         append, extend = frames.append, frames.extend
         current = -1  # the second whose time fields are in self._query_second and _response_second
         for event in events:
-            host, port, transport, query, repeat, at_ns = event
+            host, port, transport, query_id, repeat, at_ns = event
             second, nano = divmod(at_ns, _NS)
             if second != current:
                 if not _SECOND_LOW <= second < _SECOND_HIGH:  # kept parts assume a 5-byte seconds field
-                    answer = query[:2] + repeat.answer_tail
+                    query = query_id + repeat.query_tail
+                    answer = query_id + repeat.answer_tail
                     policy = policy_of(repeat.verdict)
                     append(self.client_stream(host, port, transport, query, answer, at_ns, at_ns, policy, with_query))
                     current = -1
@@ -293,10 +295,9 @@ class PayloadEncoder:
             kept = kept_for.get(key)
             if kept is None:
                 policy = policy_of(repeat.verdict)
-                kept = self._keep_repeat(key, repeat, host, port, transport, query, policy, with_query)
+                kept = self._keep_repeat(key, repeat, host, port, transport, policy, with_query)
             nanoseconds = fixed32(nano)
             query_time = self._query_second + nanoseconds
-            query_id = query[:2]
             if with_query:  # the query frame up to its per-query fields, its length field, ...
                 extend((kept[1], port_field, query_time, kept[2], query_id))
             response_time = self._response_second + nanoseconds
@@ -312,17 +313,17 @@ class PayloadEncoder:
         host: str,
         port: int,
         transport: str,
-        query: bytes,
         policy: PolicyFacts,
         with_query: bool,
     ) -> tuple[BlockedRepeat, bytes, bytes, bytes, bytes, bytes]:
         """The parts of a repeat's frames between the per-query fields (as client_stream lays them out)."""
+        query_length = 2 + len(repeat.query_tail)
         query_template, response_template = self._pair(transport, host, policy)
         varints = self._varints
         head = self._head
         fields = len(self._ports[port]) + _TIME_FIELD  # port and query time
-        query_size = _QUERY_MESSAGE + varints[len(query)]
-        length = len(query_template) + fields + len(query_size) + len(query)
+        query_size = _QUERY_MESSAGE + varints[query_length]
+        length = len(query_template) + fields + len(query_size) + query_length
         envelope = varints[length]
         query_head = _FRAME_LENGTH(len(head) + len(envelope) + length) + head + envelope + query_template
         answer_length = 2 + len(repeat.answer_tail)
@@ -330,7 +331,7 @@ class PayloadEncoder:
         length = len(response_template) + fields + _TIME_FIELD + len(response_size) + answer_length
         envelope = varints[length]
         response_head = _FRAME_LENGTH(len(head) + len(envelope) + length) + head + envelope + response_template
-        between = query[2:] + response_head if with_query else response_head
+        between = repeat.query_tail + response_head if with_query else response_head
         kept = (repeat, query_head, query_size, between, response_size, repeat.answer_tail)
         kept_for = self._kept[with_query]
         if len(kept_for) >= _TEMPLATE_LIMIT:

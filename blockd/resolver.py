@@ -94,8 +94,10 @@ class WireTap(Protocol):
     ) -> None:
         """received_ns is 0 for a query answered as it arrived (the tap reads the clock once)."""
 
-    def repeated(self, client: str, port: int, transport: str, query: bytes, repeat: BlockedRepeat) -> None:
-        """A repeated blocked query: its answer is query[:2] + repeat.answer_tail."""
+    def repeated(self, client: str, port: int, transport: str, query_id: bytes, repeat: BlockedRepeat) -> None:
+        """A repeated blocked query: query_id + repeat.query_tail, answered query_id + repeat.answer_tail.
+
+        (Only the two ID bytes: the datagram itself is not kept alive in a queue.)"""
 
 
 class NoTap:
@@ -119,7 +121,7 @@ class NoTap:
     ) -> None:
         return None
 
-    def repeated(self, client: str, port: int, transport: str, query: bytes, repeat: BlockedRepeat) -> None:
+    def repeated(self, client: str, port: int, transport: str, query_id: bytes, repeat: BlockedRepeat) -> None:
         return None
 
 
@@ -301,9 +303,10 @@ class Resolver:
             if self._log_blocked:
                 self.observer.repeated(client, repeat.log_tail)
             self.watcher.question_blocked(repeat.name, repeat.verdict)
+            id_bytes = data[:2]
             if self._tapping:
-                self.tap.repeated(client, port, transport, data, repeat)
-            return data[:2] + repeat.answer_tail
+                self.tap.repeated(client, port, transport, id_bytes, repeat)
+            return id_bytes + repeat.answer_tail
         now = self.clock.seconds()
         if not self.cache.hit_if_current(repeat.cache_key, repeat.entry, now):
             return None
@@ -373,7 +376,7 @@ class Resolver:
                 self.metrics.repeat_cell(group.name, "tcp", query.qtype, verdict.list_name, verdict.action, rcode),
             )
             log_tail = line_tail(group, query.key, query.qtype, verdict, rcode)
-            repeat = BlockedRepeat(answer[2:], verdict, query.key, log_tail, counters)
+            repeat = BlockedRepeat(answer[2:], verdict, query.key, log_tail, counters, query.raw[2:])
             self.repeats.remember(policy, who.group, query.raw, repeat)
         return answer
 

@@ -450,8 +450,8 @@ def test_a_full_queue_drops_and_counts(sock_path: Path, monkeypatch: pytest.Monk
     for _ in range(3):
         sink.answered("10.120.0.7", 1, "udp", QUERY, ANSWER, BLOCKED, False, 0)
     sink.answered("10.120.0.7", 1, "udp", QUERY, None, BLOCKED, False, 0)  # a drop: one frame
-    repeat = BlockedRepeat(ANSWER[2:], BLOCKED, "tiktok.com", "", ([0], [0]))
-    sink.repeated("10.120.0.7", 1, "udp", QUERY, repeat)
+    repeat = BlockedRepeat(ANSWER[2:], BLOCKED, "tiktok.com", "", ([0], [0]), QUERY[2:])
+    sink.repeated("10.120.0.7", 1, "udp", QUERY[:2], repeat)
     sink.encode()  # the bound applies here: the first three lookups kept, the newest dropped
     assert [events for _, _, events in sink.chunks] == [3]
     assert recorded.frames == {"sent": 0, "dropped": 1 + 2}
@@ -625,17 +625,17 @@ def test_repeats_are_streamed_as_client_stream_would(
 ) -> None:
     """Repeated blocked queries, encoded column by column from kept parts (twice, so the second
     batch finds them kept), give the bytes client_stream builds field by field."""
-    repeats = [BlockedRepeat(tail, BLOCKED, "tiktok.com", "", ([0], [0])) for _ in questions]
+    repeats = [BlockedRepeat(tail, BLOCKED, "tiktok.com", "", ([0], [0]), question) for question in questions]
     facts = policy_facts(BLOCKED)
     assert facts is not None
     events = [
-        (clients[i % len(clients)], ports[i % len(ports)], transport, ids[i] + questions[i % len(questions)],
-         repeats[i % len(questions)], when)
+        (clients[i % len(clients)], ports[i % len(ports)], transport, ids[i], repeats[i % len(questions)], when)
         for i, when in enumerate(at)
-    ]  # fmt: skip
+    ]
     slow = PayloadEncoder(b"id", b"v")
     expected = b"".join(
-        slow.client_stream(c, p, t, q, q[:2] + r.answer_tail, w, w, facts, with_query) for c, p, t, q, r, w in events
+        slow.client_stream(c, p, t, q + r.query_tail, q + r.answer_tail, w, w, facts, with_query)
+        for c, p, t, q, r, w in events
     )
     fast = PayloadEncoder(b"id", b"v")
     for _ in range(2):

@@ -140,8 +140,8 @@ class RecordingTap:
         action = verdict.action if verdict is not None else None
         self.events.append((client, port, transport, query, answer, action, denied, received_ns))
 
-    def repeated(self, client: str, port: int, transport: str, query: bytes, repeat: BlockedRepeat) -> None:
-        answer = query[:2] + repeat.answer_tail  # what the client got
+    def repeated(self, client: str, port: int, transport: str, query_id: bytes, repeat: BlockedRepeat) -> None:
+        query, answer = query_id + repeat.query_tail, query_id + repeat.answer_tail  # what was asked and got
         self.events.append((client, port, transport, query, answer, repeat.verdict.action, False, 0))
 
 
