@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from blockd.upstream_answer import AnswerInfo
-from blockd.wire import FLAG_CD, FLAG_RD, Query
+from blockd.wire import FLAG_AA, FLAG_CD, FLAG_RA, FLAG_RD, Query
 
 CacheKey = tuple[str, int, int, bool, bool, bool]
 _TTL = struct.Struct("!I")
@@ -49,7 +49,10 @@ def render(entry: CacheEntry, query: Query, now: float, query_id: int | None = N
     """
     out = bytearray(entry.answer)
     struct.pack_into("!H", out, 0, query.id if query_id is None else query_id)
-    out[2] = (out[2] & ~(FLAG_RD >> 8)) | ((query.flags & FLAG_RD) >> 8)
+    # The client's RD; AA cleared and RA set: blockd answers as a recursive service, whatever
+    # flags its upstream (an authoritative server, say) answered with.
+    out[2] = (out[2] & ~((FLAG_RD | FLAG_AA) >> 8)) | ((query.flags & FLAG_RD) >> 8)
+    out[3] |= FLAG_RA
     question = query.question
     out[12 : 12 + len(question)] = question  # same length: the names are equal ignoring case
     age = int(now - entry.stored)

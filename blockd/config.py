@@ -94,6 +94,9 @@ class ServerConfig:
     tcp_max_connections: int = 1000
     trusted_forwarders: tuple[IPNetwork, ...] = ()
     state_dir: Path = Path("/var/lib/blockd")  # last good copies of transferred zones
+    nsid: str = ""  # RFC 5001 NSID given to clients that ask ("" -> none)
+    version: str = ""  # CH TXT version.bind / version.server ("" -> REFUSED)
+    identity: str = ""  # CH TXT hostname.bind / id.server ("" -> REFUSED)
 
 
 @dataclass(frozen=True)
@@ -396,6 +399,7 @@ class _Parser:
         key = "server"
         names = (
             "listen", "allow", "pidfile", "tcp_idle_timeout", "tcp_max_connections", "trusted_forwarders", "state_dir",
+            "nsid", "version", "identity",
         )  # fmt: skip
         table = self.table(data, key, names)
         defaults = ServerConfig()
@@ -420,7 +424,18 @@ class _Parser:
             state_dir=self.path(state_dir)
             if (state_dir := self.string(table, key, "state_dir", None))
             else defaults.state_dir,
+            nsid=self.short_text(table, key, "nsid"),
+            version=self.short_text(table, key, "version"),
+            identity=self.short_text(table, key, "identity"),
         )
+
+    def short_text(self, table: dict[str, Any], key: str, name: str) -> str:
+        """A string blockd puts in answers (NSID, CH TXT): printable ASCII, at most 255 bytes."""
+        text: str = self.string(table, key, name, "")
+        if len(text) > 255 or not all(" " <= c <= "~" for c in text):
+            self.error(f"{key}.{name}", "must be printable ASCII of at most 255 characters")
+            return ""
+        return text
 
     def upstream(self, data: dict[str, Any], resolv_conf: Path) -> UpstreamConfig:
         key = "upstream"

@@ -205,6 +205,7 @@ class Daemon:
             self._notify_receiver(),
             forward_ecs=config.upstream.forward_ecs,
             tap=self.dnstap,
+            identity=wire.ServerIdentity(config.server.nsid.encode(), config.server.version, config.server.identity),
         )
         self.stream_factory = DNSStreamFactory(
             self.resolver, config.server.tcp_idle_timeout, config.server.tcp_max_connections, reactor

@@ -244,6 +244,7 @@ class Resolver:
         notifications: NotifyReceiver,
         forward_ecs: bool = False,
         tap: WireTap | None = None,
+        identity: wire.ServerIdentity | None = None,
     ):
         self.policy = policy
         self.upstreams = upstreams
@@ -255,6 +256,8 @@ class Resolver:
         self.repeats = repeats
         self.notifications = notifications  # NOTIFY for transferred zones (blockd.notify)
         self.forward_ecs = forward_ecs
+        self.identity = identity if identity is not None else wire.ServerIdentity()
+        self._nsid = self.identity.nsid  # b"": no NSID, and no per-answer check
         self.tap: WireTap = tap if tap is not None else NoTap()
         self._tapping = self.tap.active  # read once: every answer checks it
         self.in_flight = InFlight()
@@ -284,6 +287,8 @@ class Resolver:
         self.metrics.count_query(_label(group), transport, query.qtype)
         if not who.allowed:
             return self._refused(client, group, query, transport, port)
+        if query.qclass == wire.CLASS_CH:
+            return self._chaos(client, group, query, transport, port)
         verdict = self._check_question(policy, group, query)
         if verdict is not None and verdict.blocks_on(transport):
             return self._answer_blocked_question(policy, who, client, query, verdict, transport, port)
@@ -331,10 +336,29 @@ class Resolver:
             self.tap.answered(client, port, transport, data, unreadable.answer, None, False, 0)
         return unreadable.answer
 
+    def _with_nsid(self, query: Query, answer: bytes) -> bytes:
+        """The answer with blockd's NSID when configured and the client asked for it (RFC 5001)."""
+        if self._nsid and wire.asks_nsid(query):
+            return wire.with_nsid(answer, self._nsid)
+        return answer
+
+    def _chaos(self, client: str, group: Group | None, query: Query, transport: str, port: int) -> bytes:
+        """CH class (version.bind, hostname.bind, id.server...): answered here, never forwarded."""
+        text = self.identity.chaos_text(query.key) if query.qtype in (wire.TYPE_TXT, wire.TYPE_ANY) else ""
+        answer = wire.chaos_response(query, text) if text else wire.error_response(query, wire.RCODE_REFUSED)
+        answer = self._with_nsid(query, answer)
+        rcode = answer[3] & 0x0F
+        self.metrics.count_response(rcode)
+        self.observer.answered(client, group, query, None, rcode)
+        if self._tapping:
+            self.tap.answered(client, port, transport, query.raw, answer, None, False, 0)
+        return answer
+
     def _refused(self, client: str, group: Group | None, query: Query, transport: str, port: int) -> bytes:
         self.metrics.count_response(wire.RCODE_REFUSED)
         self.observer.answered(client, group, query, None, wire.RCODE_REFUSED, denied=True)
         answer = wire.error_response(query, wire.RCODE_REFUSED, wire.EDE_PROHIBITED, "client not allowed")
+        answer = self._with_nsid(query, answer)
         if self._tapping:
             self.tap.answered(client, port, transport, query.raw, answer, None, True, 0)
         return answer
@@ -512,9 +536,9 @@ class Resolver:
         now: float,
     ) -> bytes:
         """The answer as this client gets it: its ID and spelling, aged TTLs, TC if too big for UDP."""
-        answer = render(entry, query, now, query_id)
+        answer = self._with_nsid(query, render(entry, query, now, query_id))
         if transport == "udp" and len(answer) > query.response_limit:
-            answer = wire.truncated_response(answer, query, query_id)
+            answer = self._with_nsid(query, wire.truncated_response(answer, query, query_id))
         rcode = answer[3] & 0x0F
         self.metrics.count_response(rcode)
         self.observer.answered(client, group, query, verdict, rcode)
@@ -531,6 +555,7 @@ class Resolver:
             # A maximum-length name plus a long listed name in the EDE text can pass 512 bytes:
             # keep the answer within what every client accepts by naming only the list.
             answer = _blocked_bytes(query, verdict, f"blocked by blockd: list {verdict.list_name}")
+        answer = self._with_nsid(query, answer)
         rcode = answer[3] & 0x0F
         self.metrics.count_response(rcode)
         self.observer.answered(client, verdict.group, query, verdict, rcode)
@@ -540,6 +565,7 @@ class Resolver:
         self.metrics.count_response(wire.RCODE_SERVFAIL)
         self.observer.answered(asker.client, asker.group, asker.query, asker.verdict, wire.RCODE_SERVFAIL)
         answer = wire.error_response(asker.query, wire.RCODE_SERVFAIL, wire.EDE_NO_REACHABLE_AUTHORITY, reason)
+        answer = self._with_nsid(asker.query, answer)
         if self._tapping:
             self._tap_asker(asker, answer, asker.verdict)
         return answer

@@ -42,6 +42,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.tcp_idle_timeout", lambda c: c.server.tcp_idle_timeout, live=True),
     Setting("server.tcp_max_connections", lambda c: c.server.tcp_max_connections, live=True),
     Setting("server.listen", lambda c: c.server.listen, live=False),
+    Setting("server.nsid/version/identity", lambda c: (c.server.nsid, c.server.version, c.server.identity), live=False),
     Setting("server.pidfile", lambda c: c.server.pidfile, live=False),
     Setting("metrics.listen", lambda c: c.metrics.listen, live=False),
     Setting("log.queries", lambda c: c.log.queries, live=False),

@@ -72,6 +72,8 @@ def parse_query_slow(data: bytes) -> SlowQuery:
         raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, "more than one OPT record (RFC 6891 6.1.1)")
     if opts:
         opt = opts[0]
+        if opt.rname.label:
+            raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, "OPT owner is not the root (RFC 6891 6.1.2)")
         udp_size: int = opt.rclass
         extended: int = opt.ttl  # extended RCODE, version, DO bit and Z (RFC 6891 6.1.3)
         query.edns = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from blockd.names import key_from_wire_labels
@@ -69,6 +70,7 @@ SOA_EXPIRE = 86400
 _HEADER = struct.Struct("!HHHHHH")
 _TYPE_CLASS = struct.Struct("!HH")
 _RR_FIXED = struct.Struct("!HHHIH")  # pointer, type, class, ttl, rdlength
+_RR_TAIL = struct.Struct("!HHIH")  # type, class, ttl, rdlength (after the owner name)
 _OPT_FIXED = struct.Struct("!BHHIH")  # root name, type, udp size, ext-rcode/version/flags, rdlength
 
 
@@ -370,7 +372,95 @@ def error_response(query: Query, rcode: int, ede_code: int | None = None, ede_te
 
 
 def header_only_response(query_id: int, query_flags: int, rcode: int) -> bytes:
-    return _HEADER.pack(query_id, _response_flags(query_flags, rcode), 0, 0, 0, 0)
+    """FORMERR, NOTIMP: not an answer from the resolver, so RA clear (as BIND 9.18 and Unbound 1.17)."""
+    return _HEADER.pack(query_id, _response_flags(query_flags, rcode) & ~FLAG_RA, 0, 0, 0, 0)
+
+
+CLASS_CH = 3
+EDNS_OPTION_NSID = 3
+CHAOS_VERSION_NAMES = frozenset({"version.bind", "version.server"})
+CHAOS_IDENTITY_NAMES = frozenset({"hostname.bind", "id.server"})
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """What blockd says of itself: NSID (RFC 5001), and CH TXT version.bind / hostname.bind."""
+
+    nsid: bytes = b""
+    version: str = ""
+    identity: str = ""
+
+    def chaos_text(self, key: str) -> str:
+        """The CH TXT string for a name ("": none, REFUSED)."""
+        if key in CHAOS_VERSION_NAMES:
+            return self.version
+        if key in CHAOS_IDENTITY_NAMES:
+            return self.identity
+        return ""
+
+
+def chaos_response(query: Query, text: str) -> bytes:
+    """A CH-class TXT answer with one string (version.bind and kin), TTL 0, from the resolver."""
+    value = text.encode("ascii")
+    rdata = bytes((len(value),)) + value
+    record = _RR_FIXED.pack(0xC00C, TYPE_TXT, CLASS_CH, 0, len(rdata)) + rdata
+    opt = opt_record(query.dnssec_ok) if query.edns else b""
+    header = _HEADER.pack(query.id, _response_flags(query.flags, RCODE_NOERROR), 1, 1, 0, 1 if opt else 0)
+    return header + query.question + record + opt
+
+
+def asks_nsid(query: Query) -> bool:
+    return query.edns and any(code == EDNS_OPTION_NSID for code, _ in query.options)
+
+
+def with_nsid(answer: bytes, nsid: bytes) -> bytes:
+    """The answer with an NSID option (RFC 5001) in its OPT record: appended when the OPT is the
+    message's last record (as blockd and every common resolver place it), or an OPT added when
+    there is none.  An answer whose OPT is elsewhere is returned as it is."""
+    option = struct.pack("!HH", EDNS_OPTION_NSID, len(nsid)) + nsid
+    opt_at = _last_opt(answer)
+    if opt_at is None:
+        arcount = struct.unpack_from("!H", answer, 10)[0]
+        head = answer[:10] + struct.pack("!H", arcount + 1) + answer[12:]
+        return head + _OPT_FIXED.pack(0, TYPE_OPT, SERVER_UDP_PAYLOAD, 0, len(option)) + option
+    if opt_at < 0:
+        return answer
+    rdlength = struct.unpack_from("!H", answer, opt_at + 9)[0]
+    return answer[: opt_at + 9] + struct.pack("!H", rdlength + len(option)) + answer[opt_at + 11 :] + option
+
+
+def _last_opt(answer: bytes) -> int | None:
+    """Where the answer's OPT record starts when it is the last record; -1 when it is elsewhere;
+    None when there is none.  Walks the records (names may be compressed)."""
+    try:
+        qdcount, ancount, nscount, arcount = struct.unpack_from("!HHHH", answer, 4)
+        pos = 12
+        for _ in range(qdcount):
+            pos = _skip_name(answer, pos) + 4
+        found: int | None = None
+        start = pos
+        for _ in range(ancount + nscount + arcount):
+            start = pos
+            pos = _skip_name(answer, pos)
+            rtype, _class, _ttl, rdlength = _RR_TAIL.unpack_from(answer, pos)
+            pos += 10 + rdlength
+            if rtype == TYPE_OPT:
+                found = start
+        if found is None:
+            return None
+        return found if found == start and pos == len(answer) and answer[found] == 0 else -1
+    except (struct.error, IndexError):
+        return -1
+
+
+def _skip_name(data: bytes, pos: int) -> int:
+    while True:
+        length = data[pos]
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        if length == 0:
+            return pos + 1
+        pos += 1 + length
 
 
 def truncated_response(answer: bytes, query: Query, query_id: int) -> bytes:
@@ -383,7 +473,8 @@ def truncated_response(answer: bytes, query: Query, query_id: int) -> bytes:
 EDNS_OPTION_COOKIE = 10
 # Options that belong to one hop (RFC 6891 6.1.1: OPT is hop-by-hop): a forwarder must not
 # pass the client's cookie upstream (RFC 7873), and ECS is sent only when configured.
-_HOP_BY_HOP = frozenset({EDNS_OPTION_COOKIE})
+# NSID too (RFC 5001 2.3: it identifies the server the client talks to, so it is not forwarded).
+_HOP_BY_HOP = frozenset({EDNS_OPTION_COOKIE, EDNS_OPTION_NSID})
 
 
 def parse_ecs(data: bytes) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:

@@ -116,3 +116,15 @@ class Daemon:
 
 def rcode_name(message: dns.message.Message) -> str:
     return dns.rcode.to_text(message.rcode())
+
+
+def raw_udp(port: int, payload: bytes, source: str = OTHER, timeout: float = 0.5) -> bytes | None:
+    """Send bytes as they are (malformed on purpose) to a daemon on 127.0.0.1; its reply or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        sock.sendto(payload, ("127.0.0.1", port))
+        try:
+            return sock.recv(65535)
+        except TimeoutError:
+            return None

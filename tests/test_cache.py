@@ -317,11 +317,11 @@ def test_render_keeps_the_clients_id_rd_and_spelling() -> None:
     assert str(record.q.qname) == "WwW.ExAmPle.COM."
     assert out[12 : 12 + len(client.question)] == client.question
     assert record.header.qr == 1
-    # Only the ID, the RD bit and the question's letters changed (age 0: TTLs untouched).
+    # Only the ID, the RD, AA and RA bits and the question's letters changed (age 0: TTLs untouched).
     question = range(12, 12 + len(client.question))
     changed = differing_offsets(out, stored)
-    assert changed <= {0, 1, 2, *question}
-    assert out[2] & 0xFE == stored[2] & 0xFE
+    assert changed <= {0, 1, 2, 3, *question}
+    assert out[2] & 0xFA == stored[2] & 0xFA and out[3] == stored[3] | 0x80
     # The owner is a pointer to the question, so it follows the client's spelling too.
     assert str(record.rr[0].rname) == "WwW.ExAmPle.COM."
     assert str(record.rr[0].rdata) == "192.0.2.1"
@@ -343,7 +343,7 @@ def test_render_ages_ttls_by_whole_seconds() -> None:
     assert ttls(render(entry, client, T0 + 400)) == [0]  # never negative, never wraps
     aged = render(entry, client, T0 + 10)
     ((offset, _ttl),) = entry.ttl_fields
-    assert differing_offsets(aged, stored) <= set(range(offset, offset + 4))
+    assert differing_offsets(aged, stored) <= set(range(offset, offset + 4)) | {2, 3}  # TTL; AA, RA
     assert entry.answer == stored  # rendering never changes the stored bytes
 
 
@@ -417,6 +417,8 @@ def slow_path(stored: bytes, client_name: str, qid: int, rd: bool, age: int, cla
     new = tuple(DNSLabel(client_name).label)
     record.header.id = qid
     record.header.rd = int(rd)
+    record.header.aa = 0  # blockd answers as a recursive service: never authoritative, recursion available
+    record.header.ra = 1
     record.q.qname = DNSLabel(client_name)
     for rr in record.rr + record.auth + record.ar:
         if rr.rtype == QTYPE.OPT:

@@ -45,7 +45,10 @@ LOCAL_RESOLV = "nameserver 127.0.0.1\n"
 
 SOCKET_FORMS = 'expected "unix:/path/to.sock" or "tcp:address:port"'
 SECTIONS = "server, upstream, metrics, log, cache, lists, groups, egress, dnstap"
-SERVER_KEYS = "listen, allow, pidfile, tcp_idle_timeout, tcp_max_connections, trusted_forwarders, state_dir"
+SERVER_KEYS = (
+    "listen, allow, pidfile, tcp_idle_timeout, tcp_max_connections, trusted_forwarders, state_dir, "
+    "nsid, version, identity"
+)
 EGRESS_KEYS = (
     "enabled, table, rule_priority, route_protocol, prefixes, learn, learn_min_ttl, learn_max, never, on_exit, "
     "reconcile_interval"
@@ -165,6 +168,21 @@ CASES = [
     # -- unknown keys ----------------------------------------------------------------------------
     ok("server-state-dir-relative", 'server.state_dir = "state"', "server.state_dir", BASE / "state"),
     ok("server-state-dir-default", "", "server.state_dir", Path("/var/lib/blockd")),
+    ok("server-nsid", 'server.nsid = "resolver-brussels-1"', "server.nsid", "resolver-brussels-1"),
+    ok("server-nsid-default-none", "", "server.nsid", ""),
+    ok("server-version", 'server.version = "blockd"', "server.version", "blockd"),
+    ok("server-identity", 'server.identity = "dns1.gov.example"', "server.identity", "dns1.gov.example"),
+    err(
+        "server-nsid-too-long",
+        f'server.nsid = "{"x" * 256}"',
+        "server.nsid: must be printable ASCII of at most 255 characters",
+    ),
+    err(
+        "server-version-not-ascii",
+        'server.version = "blöckd"',
+        "server.version: must be printable ASCII of at most 255 characters",
+    ),
+    err("server-identity-not-a-string", "server.identity = 1", "server.identity: must be a string, not an integer"),
     err("server-unknown-key", "server.port = 53", f"server.port: unknown key (known: {SERVER_KEYS})"),
     err(
         "upstream-unknown-key",

@@ -14,7 +14,7 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from tests.daemon import GOV, OTHER, rcode_name
+from tests.daemon import GOV, OTHER, raw_udp, rcode_name
 
 PERSONAL = "127.0.0.4"
 
@@ -213,14 +213,7 @@ def test_malformed_queries(make_daemon) -> None:
     daemon = make_daemon()
 
     def raw(payload: bytes) -> bytes | None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.settimeout(0.5)
-            sock.bind((OTHER, 0))
-            sock.sendto(payload, ("127.0.0.1", daemon.port))
-            try:
-                return sock.recv(65535)
-            except TimeoutError:
-                return None
+        return raw_udp(daemon.port, payload)
 
     good = dns.message.make_query("example.org", "A").to_wire()
     # Too short for a header: silently dropped.
