@@ -1,4 +1,4 @@
-"""The `blockd` command: run, check, reload."""
+"""The `blockd` command: run, check, reload, export."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 from blockd import __version__
 from blockd.config import Config, ConfigError, load_config
 from blockd.policy import load_egress_prefixes, load_lists, load_prefix_sets
+from blockd.validator_export import FORMATS, listed_names
+from blockd.validator_export import render as render_export
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,20 +32,34 @@ def main(argv: list[str] | None = None) -> int:
     reload.add_argument("--pidfile", type=Path, help="the daemon's pidfile (default: server.pidfile of --config)")
     reload.add_argument("--config", type=Path, help="config file to read server.pidfile from")
     reload.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the outcome")
+    export = commands.add_parser(
+        "export", help="print the validator settings (Unbound, BIND) that accept blockd's answers for listed names"
+    )
+    export.add_argument("--format", required=True, choices=FORMATS, help="the validator's configuration syntax")
+    export.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check_command(args.config)
+    if args.command == "export":
+        return export_command(args.config, args.format)
     if args.command == "run":
         return run_command(args.config)
     return reload_command(args.pidfile, args.config, args.timeout)
 
 
-def check_command(path: Path | None) -> int:
+def _config_or_errors(path: Path | None) -> Config | None:
+    """The config, or None once its errors are printed (one per line, by key)."""
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        return None
+
+
+def check_command(path: Path | None) -> int:
+    config = _config_or_errors(path)
+    if config is None:
         return 1
     lists, errors = load_lists(config)
     errors += load_prefix_sets(config)[1]
@@ -62,6 +78,20 @@ def check_command(path: Path | None) -> int:
     if config.egress.enabled:
         files = ", ".join(str(p) for p in config.egress.prefixes) or "no prefix files"
         print(f"  egress: {len(egress_prefixes)} prefixes from {files}")
+    return 0
+
+
+def export_command(path: Path | None, fmt: str) -> int:
+    """The validator lines for the listed names (blockd.validator_export); errors as `check` says them."""
+    config = _config_or_errors(path)
+    if config is None:
+        return 1
+    lists, errors = load_lists(config)
+    for line in cap_per_file(errors):
+        print(line, file=sys.stderr)
+    if errors:
+        return 1
+    sys.stdout.write(render_export(listed_names(config, lists), fmt, config.source))
     return 0
 
 

@@ -108,6 +108,14 @@ class Verdict:
         return f"blocked by blockd: {self.domain} on list {self.list_name}{reason}"
 
 
+# The DNSSEC infrastructure types: a blocked name's DS, DNSKEY, NSEC, NSEC3 and NSEC3PARAM are
+# forwarded and answered from upstream unchanged, so a validating resolver in front of blockd can
+# prove an unsigned zone insecure and accept the sinkhole answer (blockd's own NODATA, with no
+# NSEC proof, would make every block SERVFAIL there).  They carry no addresses: nothing of the
+# blocked service gets through.
+DNSSEC_INFRASTRUCTURE_TYPES = frozenset({43, 47, 48, 50, 51})
+
+
 class PolicyError(Exception):
     def __init__(self, errors: list[str]):
         super().__init__("\n".join(errors))

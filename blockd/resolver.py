@@ -37,7 +37,7 @@ from blockd.classify import Client
 from blockd.garden import follow_target, splice
 from blockd.metrics import Metrics
 from blockd.notify import NotifyReceiver
-from blockd.policy import NO_GROUP, Group, Policy, Verdict
+from blockd.policy import DNSSEC_INFRASTRUCTURE_TYPES, NO_GROUP, Group, Policy, Verdict
 from blockd.querylog import line_tail
 from blockd.question import NotifyRequest, Unreadable, read_question
 from blockd.repeats import BlockedRepeat, CachedRepeat, Repeat, RepeatMemo
@@ -364,7 +364,7 @@ class Resolver:
         return answer
 
     def _check_question(self, policy: Policy, group: Group | None, query: Query) -> Verdict | None:
-        if group is None:
+        if group is None or query.qtype in DNSSEC_INFRASTRUCTURE_TYPES:
             return None
         verdict = policy.check(group, query.key)
         if verdict is not None:

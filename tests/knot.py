@@ -16,6 +16,24 @@ from pathlib import Path
 
 import pytest
 
+# The start of every test's knot.conf: one worker each, a log, storage and a control socket in the
+# test's dir (format with dir= and port=; database: and control: may be extended by the caller).
+KNOT_SERVER = """\
+server:
+    rundir: "{dir}/run"
+    listen: 127.0.0.1@{port}
+    background-workers: 1
+    tcp-workers: 1
+    udp-workers: 1
+log:
+  - target: "{dir}/knot.log"
+    any: info
+control:
+    listen: "{dir}/run/knot.sock"
+database:
+    storage: "{dir}/storage"
+"""
+
 KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
 KNOTC = shutil.which("knotc") or "/usr/sbin/knotc"
 needs_knot = pytest.mark.skipif(

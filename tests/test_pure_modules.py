@@ -42,6 +42,7 @@ PURE = (
     "garden",
     "fstrm",
     "dnstap_frames",
+    "validator_export",
 )
 FORBIDDEN = ("twisted", "pyroute2", "socket", "time", "zope", "prometheus_client")
 ALLOWED_THIRD_PARTY = ("dnslib", "dns", "dnstap_pb")  # dns: dnspython; dnstap_pb: dnstap.proto compiled

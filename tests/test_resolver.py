@@ -553,3 +553,12 @@ def test_an_unreadable_packet_is_tapped_with_its_answer(tmp_path: Path) -> None:
     packet = b"\x12\x34\x01\x00\x00\x02" + b"\x00" * 6  # two questions: FORMERR
     answer = harness.resolver.handle(packet, OTHER, "udp", 9)
     assert isinstance(answer, bytes) and tap.events == [(OTHER, 9, "udp", packet, answer, None, False, 0)]
+
+
+@pytest.mark.parametrize("qtype", ["DS", "DNSKEY", "NSEC", "NSEC3", "NSEC3PARAM"])
+def test_dnssec_infrastructure_of_a_blocked_name_is_forwarded(harness: Harness, qtype: str) -> None:
+    """A validator in front of blockd must prove a blocked zone insecure: these go upstream."""
+    pending = harness.ask("tiktok.com", qtype, client=GOV, want_dnssec=True)
+    assert isinstance(pending, defer.Deferred) and harness.upstreams.sent
+    assert harness.blocked("government", "tiktok", "sinkhole") == 0
+    assert addresses(harness.answer_now("tiktok.com", "A", client=GOV)) == ["0.0.0.0"]  # the rest: blocked

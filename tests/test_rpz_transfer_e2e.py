@@ -23,7 +23,7 @@ import pytest
 
 from tests.daemon import GOV, OTHER, Daemon, free_port, rcode_name
 from tests.fakeupstream import FakeUpstream
-from tests.knot import Knot, needs_knot
+from tests.knot import KNOT_SERVER, Knot, needs_knot
 
 pytestmark = needs_knot
 ZONE = "rpz.gov.test"
@@ -39,20 +39,9 @@ tiktok.com CNAME .
 douyin.com CNAME *.
 {extra}"""
 
-KNOT_CONF = """\
-server:
-    rundir: "{dir}/run"
-    listen: 127.0.0.1@{port}
-    background-workers: 1
-    tcp-workers: 1
-    udp-workers: 1
-log:
-  - target: "{dir}/knot.log"
-    any: info
-database:
-    storage: "{dir}/storage"
-control:
-    listen: "{dir}/run/knot.sock"
+KNOT_CONF = (
+    KNOT_SERVER
+    + """\
 key:
   - id: rpz-key
     algorithm: hmac-sha256
@@ -77,6 +66,7 @@ zone:
     zonefile-sync: -1
     semantic-checks: off
 """
+)
 
 BLOCKD_CONF = """\
 [server]

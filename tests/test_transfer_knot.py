@@ -33,7 +33,7 @@ from blockd.transfer import SecondaryZone, TransferError, ZoneTransfer
 from blockd.tsig_key import TsigKey, load_key_file, to_dnspython
 from blockd.xfr import FullZone, Incremental, Refused, TsigError, UpToDate, XfrError, XfrResult
 from tests.daemon import free_port
-from tests.knot import Knot, needs_knot
+from tests.knot import KNOT_SERVER, Knot, needs_knot
 from tests.test_xfr import AXFR, KEY, NOW, RPZ_KEYS, ZONE, response, sign_chain, soa, split
 
 PRIMARY = Endpoint("192.0.2.53", 53)
@@ -214,20 +214,9 @@ bytedance.com CNAME *.
 douyin.com CNAME rpz-drop.
 {extra}"""
 
-KNOT_CONF = """\
-server:
-    rundir: "{dir}/run"
-    listen: 127.0.0.1@{port}
-    background-workers: 1
-    tcp-workers: 1
-    udp-workers: 1
-log:
-  - target: "{dir}/knot.log"
-    any: info
-database:
-    storage: "{dir}/storage"
-control:
-    listen: "{dir}/run/knot.sock"
+KNOT_CONF = (
+    KNOT_SERVER
+    + """\
 key:
   - id: rpz-key
     algorithm: hmac-sha256
@@ -248,6 +237,7 @@ zone:
     zonefile-sync: -1
     semantic-checks: off
 """
+)
 
 
 @dataclass
