@@ -9,12 +9,14 @@ Config ([dnstap], off unless `socket` or `file` is set):
     forwarder = false                  (true: FORWARDER_QUERY/RESPONSE for upstream traffic)
 
 Fed by the resolver's one report per answered query (the same step that feeds the JSON query
-log), and by the upstream client per exchange when `forwarder` is on.  The reactor thread only
-appends the event's raw parts to a bounded queue; a writer thread encodes the payloads
-(blockd.dnstap_frames), frames them (blockd.fstrm) and writes them.  A slow or absent collector
-never slows answering: the writer reconnects with backoff while events wait in the queue, and
-an event that finds the queue full is dropped and counted
-(blockd_dnstap_frames_total{result="dropped"}), as is a batch lost to a write error.
+log), and by the upstream client per exchange when `forwarder` is on.  Per query the reactor
+only appends the event's raw parts to a queue; every ENCODE_INTERVAL it encodes what is queued
+into one chunk of frames (blockd.dnstap_frames, blockd.fstrm), and a writer thread writes the
+chunks.  (Encoding in the writer thread was measured: the two threads fought for the GIL, which
+cost more than the encoding.)  A slow or absent collector never slows answering: the writer
+reconnects with backoff while the chunks wait, a chunk the collector did not take is kept for
+the next connection, and beyond QUEUE_LIMIT lookups waiting the newest are dropped and counted
+(blockd_dnstap_frames_total{result="dropped"}).
 
 Which events: `all` sends CLIENT_QUERY and CLIENT_RESPONSE for every answered query, `blocked`
 only for blocked, monitored and refused ones, `responses` only CLIENT_RESPONSE.  A query blockd
