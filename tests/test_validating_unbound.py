@@ -8,7 +8,9 @@ with the zone's KSK as its only trust anchor.  What must hold:
   (blockd forwards the DS question, so Unbound proves the zone insecure), not SERVFAIL;
 - a forwarded name in the signed zone validates (AD);
 - a blocked name inside the signed zone cannot validate: SERVFAIL, until the lines printed by
-  `blockd export --format unbound-insecure` are in Unbound's config: then the sinkhole.
+  `blockd export --format unbound-insecure` are in Unbound's config: then the sinkhole;
+- delv (BIND's validating stub) asking blockd directly agrees: fully validated, unsigned answer
+  (insecure, accepted), insecurity proof failed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tests.daemon import REPO, Daemon, free_port
 from tests.knot import KNOT_SERVER, KNOTD, needs_knot
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
+DELV = shutil.which("delv")
 needs_unbound = pytest.mark.skipif(
     not os.access(UNBOUND, os.X_OK), reason="unbound is not installed (apt-get install unbound)"
 )
@@ -157,6 +160,25 @@ def signed_ksk(knot_port: int) -> str:
     return ""
 
 
+def delv(delv_path: str, directory: Path, anchor: str, port: int) -> dict[str, str]:
+    """What delv says of three names with the zone's KSK as its only trust anchor."""
+    _owner, _type, flags, protocol, algorithm, key = anchor.split(None, 5)
+    anchors = directory / "delv-anchors.conf"
+    anchors.write_text(
+        f'trust-anchors {{\n  gov.test. static-key {flags} {protocol} {algorithm} "{key.replace(" ", "")}";\n}};\n'
+    )
+    said = {}
+    for name in ("www.gov.test", "www.tiktok.gov.test", "shop.gov.test"):
+        command = [delv_path, "@127.0.0.1", "-p", str(port), "-a", str(anchors), "+root=gov.test", name, "A"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        text = done.stdout + done.stderr
+        said[name] = next(
+            (line for line in ("; fully validated", "; unsigned answer", "insecurity proof failed") if line in text),
+            text,
+        )
+    return said
+
+
 @needs_knot
 @needs_unbound
 def test_blocked_names_behind_a_validating_unbound(tmp_path: Path) -> None:
@@ -203,6 +225,12 @@ def test_blocked_names_behind_a_validating_unbound(tmp_path: Path) -> None:
         assert any(rrset.rdtype == dns.rdatatype.NSEC for rrset in ds.authority), ds
         # A blocked name inside the signed zone cannot validate ...
         assert query(unbound_port, "shop.gov.test.").rcode() == dns.rcode.SERVFAIL
+        if DELV is not None:  # ... and delv (BIND's validating stub, asking blockd itself) agrees
+            assert delv(DELV, tmp_path, anchor, blockd_port) == {
+                "www.gov.test": "; fully validated",
+                "www.tiktok.gov.test": "; unsigned answer",
+                "shop.gov.test": "insecurity proof failed",
+            }
         unbound.stop()
         # ... until blockd's export is in Unbound's config.
         exported = subprocess.run(
