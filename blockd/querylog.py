@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
 
+from dnslib import QTYPE
 from twisted.logger import Logger
 
 from blockd.metrics import QTYPE_LABELS, RCODE_NAMES
@@ -51,7 +52,13 @@ def _json_or_null(value: str | None) -> str:
 
 
 def line_tail(
-    group: Group | None, key: str, qtype: int, verdict: Verdict | None, rcode: int, denied: bool = False
+    group: Group | None,
+    key: str | None,
+    qtype: int,
+    verdict: Verdict | None,
+    rcode: int,
+    denied: bool = False,
+    error: bool = False,
 ) -> str:
     """Everything of a log line after the client, as JSON text.
 
@@ -64,18 +71,26 @@ def line_tail(
     if verdict is not None:
         action, list_name, domain, via = verdict.action, verdict.list_name, verdict.domain, verdict.via
     else:
-        action = "denied" if denied else "forward"
+        action = "error" if error else "denied" if denied else "forward"
         list_name = domain = via = None
     return (
         f'"group":{_json_string(group.name if group is not None else NO_GROUP)},'
-        f'"qname":{_json_string(key)},'
-        f'"qtype":"{QTYPE_LABELS.get(qtype) or qtype}",'
+        f'"qname":{_json_or_null(key)},'
+        f'"qtype":{_qtype_text(qtype)},'
         f'"action":"{action}",'
         f'"list":{_json_or_null(list_name)},'
         f'"domain":{_json_or_null(domain)},'
         f'"via":{_json_or_null(via)},'
         f'"rcode":{_rcode_text(rcode)}}}'
     )
+
+
+def _qtype_text(qtype: int) -> str:
+    """The type's mnemonic (dnslib knows them all), or TYPEn for the others (RFC 3597); null when
+    none was read."""
+    if qtype <= 0:
+        return "null"
+    return f'"{QTYPE_LABELS.get(qtype) or QTYPE[qtype]}"'
 
 
 def _rcode_text(rcode: int) -> str:
@@ -147,6 +162,16 @@ class QueryLog:
             self.on_drop()
             return
         queue.append((self.clock_ns(), client, (group, query.key, query.qtype, verdict, rcode, denied)))
+
+    def unreadable(self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int) -> None:
+        """A packet answered with an error from its header alone (FORMERR, NOTIMP, BADVERS): `all` mode."""
+        if not self.logs_allowed:
+            return
+        queue = self.queue
+        if len(queue) >= QUEUE_LIMIT:
+            self.on_drop()
+            return
+        queue.append((self.clock_ns(), client, line_tail(group, key, qtype, None, rcode, error=True)))
 
     def repeated(self, client: str, tail: str) -> None:
         """A repeated blocked query whose line tail (line_tail()) the caller kept."""

@@ -23,6 +23,7 @@ class Unreadable:
     rcode: int  # of the answer; -1 without one
     qtype: int  # 0 when the question could not be read
     drop_reason: str = ""  # the blockd_dns_dropped_total reason when there is no answer
+    key: str | None = None  # the question's name when it could be read (BADVERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,4 +48,5 @@ def read_question(data: bytes) -> Query | Unreadable | NotifyRequest:
     except wire.HeaderOnlyError as exc:
         return Unreadable(wire.header_only_response(exc.query_id, exc.flags, exc.rcode), exc.rcode, 0)
     except slowpath.BadVersion as exc:
-        return Unreadable(slowpath.badvers_response(exc.query), slowpath.RCODE_BADVERS, exc.query.qtype)
+        query = exc.query
+        return Unreadable(slowpath.badvers_response(query), slowpath.RCODE_BADVERS, query.qtype, key=query.key)

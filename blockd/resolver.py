@@ -71,6 +71,9 @@ class QueryObserver(Protocol):
     def repeated(self, client: str, tail: str) -> None:
         """A repeated blocked query, with its line tail (blockd.querylog.line_tail) kept by the memo."""
 
+    def unreadable(self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int) -> None:
+        """A packet answered from its header (FORMERR, NOTIMP) or BADVERS: key and qtype when read."""
+
 
 class WireTap(Protocol):
     """Sees every answered query with its wire messages (dnstap): queries, answers, verdicts."""
@@ -280,7 +283,7 @@ class Resolver:
                     return answer
         query = read_question(data)
         if isinstance(query, Unreadable):
-            return self._unreadable(query, data, client, transport, port)
+            return self._unreadable(query, data, client, who.group if who.allowed else None, transport, port)
         if isinstance(query, NotifyRequest):
             return self.notifications.receive(query.data, client)
         group = policy.classifier.group_of(who, query)
@@ -326,12 +329,15 @@ class Resolver:
             self.tap.answered(client, port, transport, data, answer, verdict, False, 0)
         return answer
 
-    def _unreadable(self, unreadable: Unreadable, data: bytes, client: str, transport: str, port: int) -> bytes | None:
+    def _unreadable(
+        self, unreadable: Unreadable, data: bytes, client: str, group: Group | None, transport: str, port: int
+    ) -> bytes | None:
         if unreadable.answer is None:
             self.metrics.count_drop(unreadable.drop_reason)
             return None
         self.metrics.count_query(NO_GROUP, transport, unreadable.qtype)
         self.metrics.count_response(unreadable.rcode)
+        self.observer.unreadable(client, group, unreadable.key, unreadable.qtype, unreadable.rcode)
         if self._tapping:
             self.tap.answered(client, port, transport, data, unreadable.answer, None, False, 0)
         return unreadable.answer

@@ -8,10 +8,11 @@ import subprocess
 import time
 import urllib.request
 
+import dns.message
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon import GOV, OTHER
+from tests.daemon import GOV, OTHER, raw_udp
 
 Sample = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -90,10 +91,11 @@ def test_query_log_lines_are_json(make_daemon, tmp_path) -> None:
     path = tmp_path / "queries.jsonl"
     deadline = time.monotonic() + 5
     lines: list[str] = []
-    while time.monotonic() < deadline and len(lines) < 3:
+    records: list[dict] = []
+    while time.monotonic() < deadline and len(records) < 3:
         lines = path.read_text().splitlines() if path.exists() else []
+        records = [r for r in map(json.loads, lines) if r["client"] != "127.0.0.1"]  # not the start-up probe
         time.sleep(0.05)
-    records = [json.loads(line) for line in lines]
     assert len(records) == 3
     first = records[0]
     assert {"ts", "client", "group", "qname", "qtype", "action", "list", "rcode"} <= set(first)
@@ -116,3 +118,27 @@ def test_query_log_unwritable_keeps_answering(make_daemon, tmp_path) -> None:
         time.sleep(0.1)
     assert errors >= 1
     assert daemon.log().count("cannot write") == 1  # logged once, not once per line
+
+
+def test_query_log_all_mode_logs_error_answers_and_names_every_type(make_daemon, tmp_path) -> None:
+    """FORMERR, NOTIMP and BADVERS answers are logged in `all` mode; types by mnemonic or TYPEn."""
+    daemon = make_daemon(log_queries="all")
+    good = dns.message.make_query("example.org", "A").to_wire()
+    two = bytearray(good)
+    two[5] = 2  # QDCOUNT 2: FORMERR
+    assert raw_udp(daemon.port, bytes(two), source=GOV) is not None
+    badvers = dns.message.make_query("edns1.example.org", "A", use_edns=1).to_wire()
+    assert raw_udp(daemon.port, badvers, source=GOV) is not None
+    daemon.query("odd.example.org", "TYPE666", source=GOV)
+    path = tmp_path / "queries.jsonl"
+    deadline = time.monotonic() + 5
+    records: list[dict] = []
+    while time.monotonic() < deadline and len(records) < 3:
+        lines = path.read_text().splitlines() if path.exists() else []
+        records = [r for r in map(json.loads, lines) if r["client"] != "127.0.0.1"]  # not the start-up probe
+        time.sleep(0.05)
+    formerr, bad, odd = records
+    assert (formerr["action"], formerr["rcode"], formerr["qname"]) == ("error", "FORMERR", None)
+    assert formerr["group"] == "government"
+    assert (bad["action"], bad["rcode"], bad["qname"], bad["qtype"]) == ("error", "BADVERS", "edns1.example.org", "A")
+    assert odd["qtype"] == "TYPE666"

@@ -156,11 +156,31 @@ def test_forwarded_denied_and_groupless_lines() -> None:
     )
 
 
-def test_unknown_qtype_and_rcode_are_logged_as_numbers() -> None:
+def test_types_by_mnemonic_or_rfc3597_and_unknown_rcodes_as_numbers() -> None:
     log, _ = make_log()
     log.answered("192.0.2.1", GOV, query("example.com", "NAPTR"), None, 9)
-    (record,) = records(log)
-    assert (record["qtype"], record["rcode"]) == ("35", "9")
+    log.answered("192.0.2.1", GOV, query("example.com", "TYPE666"), None, 0)
+    naptr, unknown = records(log)
+    assert (naptr["qtype"], naptr["rcode"]) == ("NAPTR", "9")
+    assert unknown["qtype"] == "TYPE666"
+
+
+def test_answers_from_the_header_alone_are_logged_in_all_mode() -> None:
+    log, _ = make_log(mode="all")
+    log.unreadable("192.0.2.1", GOV, None, 0, 1)  # FORMERR: no question read
+    log.unreadable("192.0.2.1", None, "example.com", 1, 16)  # BADVERS: the question was read
+    formerr, badvers = records(log)
+    assert (formerr["qname"], formerr["qtype"], formerr["action"], formerr["rcode"]) == (None, None, "error", "FORMERR")
+    assert formerr["group"] == GOV.name
+    assert (badvers["qname"], badvers["qtype"], badvers["rcode"], badvers["group"]) == (
+        "example.com",
+        "A",
+        "BADVERS",
+        "none",
+    )
+    quiet, _ = make_log(mode="blocked")
+    quiet.unreadable("192.0.2.1", GOV, None, 0, 1)
+    assert records(quiet) == []
 
 
 @pytest.mark.parametrize(

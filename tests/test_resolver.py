@@ -114,6 +114,9 @@ class RecordingObserver:
     def repeated(self, client: str, tail: str) -> None:
         self.repeats.append((client, tail))
 
+    def unreadable(self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int) -> None:
+        self.lines.append((client, group.name if group else None, key or "", "error", rcode, False))
+
 
 class RecordingTap:
     """A WireTap (dnstap) that keeps what it is told; its clock is the test's."""
