@@ -1,11 +1,14 @@
-"""The admin HTTP listener: /metrics (Prometheus text format) and /healthz.
+"""The admin HTTP listener: /metrics (Prometheus text format), /healthz and /explain.
 
 Config: [metrics] listen = "127.0.0.1:9553" (loopback by default; empty turns it off).
 /healthz answers 200 once the lists are loaded and the DNS listeners are up, 503 before.
+/explain?name=NAME[&client=IP][&qtype=TYPE] answers `blockd explain` from the running policy,
+as JSON (blockd.explain): 200, or 400 with {"error": ...} for a bad name, client or type.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
@@ -17,6 +20,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web import http, resource, server
 
 from blockd.config import Endpoint
+from blockd.explain import ExplainError, explain, parse_qtype
+from blockd.policy import Policy
 from blockd.services import StartupError, TCPListenReactor
 
 
@@ -35,6 +40,31 @@ class HealthResource(resource.Resource):
         return b"starting\n"
 
 
+class ExplainResource(resource.Resource):
+    isLeaf = True  # noqa: N815 (Twisted API)
+
+    def __init__(self, policy: Callable[[], Policy]):
+        super().__init__()
+        self.policy = policy
+
+    def render_GET(self, request: server.Request) -> bytes:  # noqa: N802 (Twisted API)
+        request.setHeader(b"content-type", b"application/json")
+        args: dict[bytes, list[bytes]] = request.args or {}
+
+        def arg(key: bytes, default: str) -> str:
+            values = args.get(key)
+            return values[0].decode("utf-8", "replace") if values else default
+
+        try:
+            found = explain(
+                self.policy(), arg(b"name", ""), arg(b"client", "127.0.0.1"), parse_qtype(arg(b"qtype", "A"))
+            )
+        except ExplainError as exc:
+            request.setResponseCode(400)
+            return json.dumps({"error": str(exc)}).encode() + b"\n"
+        return json.dumps(found.as_dict()).encode() + b"\n"
+
+
 class QuietSite(server.Site):
     """A Site without an access log: scrapes every few seconds would flood it."""
 
@@ -46,13 +76,19 @@ class QuietSite(server.Site):
 
 class AdminService(service.Service):
     def __init__(
-        self, reactor: TCPListenReactor, endpoint: Endpoint, registry: CollectorRegistry, ready: Callable[[], bool]
+        self,
+        reactor: TCPListenReactor,
+        endpoint: Endpoint,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        policy: Callable[[], Policy],
     ):
         self.reactor = reactor
         self.endpoint = endpoint
         root = resource.Resource()
         root.putChild(b"metrics", MetricsResource(registry))
         root.putChild(b"healthz", HealthResource(ready))
+        root.putChild(b"explain", ExplainResource(policy))
         self.site = QuietSite(root)
         self.port: IListeningPort | None = None
 

@@ -1,4 +1,4 @@
-"""The `blockd` command: run, check, reload, export."""
+"""The `blockd` command: run, check, reload, export, explain."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from pathlib import Path
 
 from blockd import __version__
 from blockd.config import Config, ConfigError, load_config
-from blockd.policy import load_egress_prefixes, load_lists, load_prefix_sets
+from blockd.explain import ExplainError, explain, parse_qtype
+from blockd.explain import render as render_explanation
+from blockd.policy import PolicyError, build_policy, load_egress_prefixes, load_lists, load_prefix_sets
 from blockd.validator_export import FORMATS, listed_names
 from blockd.validator_export import render as render_export
 
@@ -37,7 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     export.add_argument("--format", required=True, choices=FORMATS, help="the validator's configuration syntax")
     export.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    explain = commands.add_parser(
+        "explain", help="say which group, list, entry and action apply to a name (exit 0 blocked, 1 not, 2 error)"
+    )
+    explain.add_argument("name", help="the domain name")
+    explain.add_argument("--client", default="127.0.0.1", help="the asking client's address (default 127.0.0.1)")
+    explain.add_argument("--qtype", default="A", help="the question's type (default A)")
+    explain.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        return explain_command(args.config, args.name, args.client, args.qtype)
     if args.command == "check":
         return check_command(args.config)
     if args.command == "export":
@@ -93,6 +104,25 @@ def export_command(path: Path | None, fmt: str) -> int:
         return 1
     sys.stdout.write(render_export(listed_names(config, lists), fmt, config.source))
     return 0
+
+
+def explain_command(path: Path | None, name: str, client: str, qtype_text: str) -> int:
+    """The real policy code on the config and lists: 0 blocked, 1 not blocked, 2 on an error."""
+    config = _config_or_errors(path)
+    if config is None:
+        return 2
+    try:
+        policy = build_policy(config)
+        explanation = explain(policy, name, client, parse_qtype(qtype_text))
+    except PolicyError as exc:
+        for line in cap_per_file(exc.errors):
+            print(line, file=sys.stderr)
+        return 2
+    except ExplainError as exc:
+        print(f"blockd explain: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render_explanation(explanation))
+    return 0 if explanation.blocked else 1
 
 
 ERRORS_PER_FILE = 20

@@ -247,9 +247,8 @@ class Daemon:
         if self.secondaries is not None:
             self.secondaries.setServiceParent(self.services)  # after the listeners: NOTIFY is answered
         if config.metrics.listen is not None:
-            AdminService(reactor, config.metrics.listen, self.metrics.registry, lambda: self.ready).setServiceParent(
-                self.services
-            )
+            admin = AdminService(reactor, config.metrics.listen, self.metrics.registry, lambda: self.ready, self.policy)
+            admin.setServiceParent(self.services)
         self._declare_series(config, policy)
         self.metrics.last_reload_success.set(time.time())
 

@@ -43,6 +43,7 @@ PURE = (
     "fstrm",
     "dnstap_frames",
     "validator_export",
+    "explain",
 )
 FORBIDDEN = ("twisted", "pyroute2", "socket", "time", "zope", "prometheus_client")
 ALLOWED_THIRD_PARTY = ("dnslib", "dns", "dnstap_pb")  # dns: dnspython; dnstap_pb: dnstap.proto compiled
