@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,18 +20,30 @@ GOV = "127.0.0.2"  # a source address inside the test government group
 OTHER = "127.0.0.3"  # a source address in no group
 
 
+# Ports handed to tests come from below the kernel's ephemeral range (32768-60999 by default):
+# a port taken from bind(("127.0.0.1", 0)) and released could be handed out again at once to the
+# next bind(0) (a fake upstream, a client socket), which then answers in blockd's place.
+_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
+    """A port free for both UDP and TCP on 127.0.0.1, never the same one twice in a test run."""
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        if port in _handed_out:
+            continue
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        ):
+            try:
+                udp.bind(("127.0.0.1", port))
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     raise RuntimeError("no free port")
 
 
@@ -59,16 +72,31 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"blockd exited with {self.process.returncode}:\n{self.log()}")
-            # A query with no question gets FORMERR locally: any answer means "serving".
+            # A query with no question gets FORMERR from blockd: that answer (not any) means serving.
             with self._socket(socket.SOCK_DGRAM) as probe:
                 probe.settimeout(0.2)
                 try:
                     probe.sendto(b"\x12\x34\x01\x00" + bytes(8), ("127.0.0.1", self.port))
-                    probe.recv(512)
-                    return self
+                    reply = probe.recv(512)
                 except OSError:
                     time.sleep(0.05)
+                    continue
+            if reply[:2] == b"\x12\x34" and reply[3] & 0x0F == 1 and self._admin_up():
+                return self
+            time.sleep(0.05)
         raise RuntimeError(f"blockd did not start:\n{self.log()}")
+
+    def _admin_up(self) -> bool:
+        """The metrics listener accepts connections (or there is none)."""
+        if self.metrics_port is None:
+            return True
+        with self._socket(socket.SOCK_STREAM) as conn:
+            conn.settimeout(0.5)
+            try:
+                conn.connect(("127.0.0.1", self.metrics_port))
+            except OSError:
+                return False
+        return True
 
     def _socket(self, kind: int) -> socket.socket:
         if self.netns is None:
