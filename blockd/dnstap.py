@@ -41,6 +41,7 @@ from blockd import fstrm
 from blockd.dnstap_frames import PayloadEncoder, PolicyFacts, policy_facts
 from blockd.policy import Verdict
 from blockd.repeats import BlockedRepeat
+from blockd.writer_thread import WriterThread
 
 _log = Logger()
 QUEUE_LIMIT = 50_000  # lookups waiting (a few hundred bytes each): the backlog a collector restart can take
@@ -98,9 +99,8 @@ class DnstapSink:
         self.chunks: deque[tuple[bytes, int, int]] = deque()  # (frames, frame count, event count), to write
         self._waiting = 0  # events in self.chunks (the bound counts them with the queue's)
         self._waiting_lock = threading.Lock()
-        self._stop = threading.Event()
         self._reopen = False
-        self._thread: threading.Thread | None = None
+        self._writer = WriterThread("blockd-dnstap", self.write_pending, WRITE_INTERVAL, self._close)
         self._out: _Output | None = None
         self._encoder = PayloadEncoder(settings.identity, settings.version)
         self._policies = _Policies()
@@ -183,19 +183,11 @@ class DnstapSink:
     # -- writer thread ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="blockd-dnstap", daemon=True)
-        self._thread.start()
+        self._writer.start()
 
     def stop(self) -> None:
         """Write what is encoded (if the collector is there), STOP, and close."""
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._thread = None
+        self._writer.stop()
 
     def reopen(self) -> None:
         """SIGHUP: a file output that logrotate moved away is finished (STOP) and a new one started.
@@ -204,10 +196,7 @@ class DnstapSink:
         if self.settings.target.startswith("file:"):
             self._reopen = True
 
-    def _run(self) -> None:
-        while not self._stop.wait(WRITE_INTERVAL):
-            self.write_pending()
-        self.write_pending()
+    def _close(self) -> None:
         if self._out is not None:
             self._out.close()
             self._out = None

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from dnstap_pb import dnstap_pb2 as pb
 
+from blockd.fstrm import FRAME_LENGTH
 from blockd.names import key_to_wire
 from blockd.policy import Verdict
 from blockd.repeats import BlockedRepeat
@@ -154,9 +155,6 @@ class _Templates(dict[tuple[object, ...], bytes]):
 _TEMPLATE_LIMIT = 50_000
 
 
-_FRAME_LENGTH = struct.Struct("!I").pack  # a Frame Streams data frame's length (blockd.fstrm)
-
-
 _Kept = tuple[BlockedRepeat, bytes, bytes, bytes, bytes, bytes]  # repeat, query head, query size, between,
 # response size, response tail: the parts of a repeat's frames between its per-query fields
 
@@ -238,7 +236,7 @@ class PayloadEncoder:
             size = varints[len(query)]
             length = len(query_template) + common + 1 + len(size) + len(query)
             envelope = varints[length]
-            parts = (_FRAME_LENGTH(len(head) + len(envelope) + length), head, envelope, query_template)
+            parts = (FRAME_LENGTH(len(head) + len(envelope) + length), head, envelope, query_template)
             parts += (port_field, query_time, _QUERY_MESSAGE, size, query)
         if response is not None:
             answer_second, answer_nano = divmod(answered_ns, _NS)
@@ -248,7 +246,7 @@ class PayloadEncoder:
             size = varints[len(response)]
             length = len(response_template) + common + len(response_time) + 1 + len(size) + len(response)
             envelope = varints[length]
-            parts += (_FRAME_LENGTH(len(head) + len(envelope) + length), head, envelope, response_template)
+            parts += (FRAME_LENGTH(len(head) + len(envelope) + length), head, envelope, response_template)
             parts += (port_field, query_time, response_time)
             parts += (_RESPONSE_MESSAGE, size, response)
         return b"".join(parts)
@@ -325,12 +323,12 @@ class PayloadEncoder:
         query_size = _QUERY_MESSAGE + varints[query_length]
         length = len(query_template) + fields + len(query_size) + query_length
         envelope = varints[length]
-        query_head = _FRAME_LENGTH(len(head) + len(envelope) + length) + head + envelope + query_template
+        query_head = FRAME_LENGTH(len(head) + len(envelope) + length) + head + envelope + query_template
         answer_length = 2 + len(repeat.answer_tail)
         response_size = _RESPONSE_MESSAGE + varints[answer_length]
         length = len(response_template) + fields + _TIME_FIELD + len(response_size) + answer_length
         envelope = varints[length]
-        response_head = _FRAME_LENGTH(len(head) + len(envelope) + length) + head + envelope + response_template
+        response_head = FRAME_LENGTH(len(head) + len(envelope) + length) + head + envelope + response_template
         between = repeat.query_tail + response_head if with_query else response_head
         kept = (repeat, query_head, query_size, between, response_size, repeat.answer_tail)
         kept_for = self._kept[with_query]

@@ -52,8 +52,11 @@ def control_frame(kind: int, content_types: tuple[bytes, ...] = ()) -> bytes:
     return _CONTROL_HEAD.pack(0, 4 + len(fields), kind) + fields
 
 
+FRAME_LENGTH = _LENGTH.pack  # a data frame's length prefix (encoders that join frames themselves)
+
+
 def data_frame(payload: bytes) -> bytes:
-    return _LENGTH.pack(len(payload)) + payload
+    return FRAME_LENGTH(len(payload)) + payload
 
 
 def parse_control(body: bytes) -> ControlFrame:

@@ -26,7 +26,6 @@ import operator
 import os
 import secrets
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from twisted.logger import Logger
 from blockd.metrics import QTYPE_LABELS, RCODE_NAMES
 from blockd.policy import NO_GROUP, Group, Verdict
 from blockd.wire import Query
+from blockd.writer_thread import WriterThread
 
 _log = Logger()
 QUEUE_LIMIT = 200_000
@@ -143,10 +143,9 @@ class QueryLog:
         self.logs_allowed = mode == "all"
         self.queue: deque[Entry] = deque()
         self._reopen = False
-        self._stop = threading.Event()
         self._error_reported = False
         self._file: IO[bytes] | None = None
-        self._thread: threading.Thread | None = None
+        self._writer = WriterThread("blockd-query-log", self.flush, FLUSH_INTERVAL, self._close)
         self._formatter = _LineFormatter(self.format_client)
 
     # -- hot path (reactor thread): append raw fields, nothing more -------------------------
@@ -184,28 +183,15 @@ class QueryLog:
     # -- writer thread ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.mode == "none" or self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="blockd-query-log", daemon=True)
-        self._thread.start()
+        if self.mode != "none":
+            self._writer.start()
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._thread = None
+        self._writer.stop()
 
     def reopen(self) -> None:
         """Reopen the file before the next write (logrotate renamed it)."""
         self._reopen = True
-
-    def _run(self) -> None:
-        while not self._stop.wait(FLUSH_INTERVAL):
-            self.flush()
-        self.flush()
-        self._close()
 
     def pending_lines(self) -> list[str]:
         """The queued lines as they will be written (for tests and diagnostics; removes nothing)."""

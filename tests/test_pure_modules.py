@@ -89,7 +89,7 @@ def test_every_module_is_classified() -> None:
     io_modules = {
         "__init__", "__main__", "admin", "cli", "daemon", "egress_service", "interface_groups", "metrics",
         "netlink", "netlink_services", "querylog", "reload", "resolver", "server", "services", "upstream",
-        "transfer", "zone_store", "secondary_lists", "dnstap",
+        "transfer", "zone_store", "secondary_lists", "dnstap", "writer_thread",
     }  # fmt: skip
     found = {path.stem for path in PACKAGE.glob("*.py")}
     assert found == set(PURE) | io_modules
