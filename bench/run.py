@@ -6,6 +6,7 @@
     python bench/run.py --metrics-off --profile  # also: blockd counting/log on vs off, py-spy profile
     python bench/run.py --rpz                    # instead: RPZ loading (file, AXFR, IXFR) against unbound, Knot primary
     python bench/run.py --dnstap                 # instead: blockd blocked qps with dnstap to fstrm_capture on vs off
+    python bench/run.py --limits                 # instead: blockd blocked qps with [limits] on vs off
 
 Every server under test is pinned to CPU 0 (taskset -c 0); dnsperf and the fake upstream run on
 CPU 1.  All traffic stays on 127.0.0.1: the servers forward only to a fake upstream (unbound as a
@@ -53,6 +54,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--dnstap", action="store_true",
         help="run the dnstap comparison instead: blockd blocked qps with [dnstap] streaming to fstrm_capture vs "
         "without, fresh instances alternating, best of --repeat each (with --metrics-off: that one too)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--limits", action="store_true",
+        help="run the [limits] comparison instead: blockd blocked qps with the per-client limits on vs off, fresh "
+        "instances alternating, best of --repeat each (bench/victim.py measures what the limits are for)",
     )  # fmt: skip
     parser.add_argument(
         "--dnstap-messages", choices=("all", "responses"), default="all",
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return status or 1
     write = rpz_report if args.rpz else toggles_report if args.alone else report
     text = write(bench, tools, started, time.monotonic() - t0)
-    prefix = "rpz-" if args.rpz else "dnstap-" if args.dnstap else ""
+    prefix = "rpz-" if args.rpz else "dnstap-" if args.dnstap else "limits-" if args.limits else ""
     out = BENCH / "out" / f"{prefix}results-{args.stamp}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)

@@ -336,6 +336,10 @@ def capture_frames(path: Path) -> tuple[int, bool]:
     return frames, pos == len(data) and last_control == FSTRM_STOP
 
 
+LIMITS_RAISED = "[limits]\nqps = 100000000\nburst = 100000000\n"
+LIMITS_OFF = "[limits]\nenabled = false\n"
+
+
 @dataclass
 class Blockd(Server):
     """One blockd process (templates/blockd.toml); `metrics` False turns the listener, counting and the log off;
@@ -345,6 +349,7 @@ class Blockd(Server):
     metrics: bool = True
     dnstap: bool = False
     dnstap_messages: str = "all"  # [dnstap] messages: all (CLIENT_QUERY + CLIENT_RESPONSE) | responses
+    limits: bool = True  # [limits] on, with a rate dnsperf's one address does not reach; False: enabled = false
     drain_limit: float = 30.0  # seconds finish() waits for the dnstap queue to drain
 
     def launch(self, name: str, port: int, listset: ListSet, ctx: Context) -> Launch:
@@ -367,6 +372,7 @@ class Blockd(Server):
                     if capture is not None
                     else ""
                 ),
+                limits=LIMITS_RAISED if self.limits else LIMITS_OFF,
                 lists=lists,
                 list_names=", ".join(f'"{n}"' for n in listset.files),
             )
@@ -660,6 +666,19 @@ TOGGLES: dict[str, Toggle] = {
         off_config='`[metrics] listen = ""`, `[log] queries = "none"`',
     ),
     "dnstap": dnstap_toggle("all"),
+    "limits": Toggle(
+        slug="limits",
+        what="limits",
+        title="per-client limits",
+        on=Blockd(limits=True),
+        off=Blockd(limits=False),
+        on_config="metrics on, `[limits]` defaults but `qps`/`burst` 100,000,000 (dnsperf asks from one address; "
+        "every query still takes a token, checks slip and flood state: the path of every client's query)",
+        off_config="metrics on, `[limits] enabled = false`",
+        pairs=None,
+        target=0.95,
+        alone=True,
+    ),
 }
 
 

@@ -135,11 +135,18 @@ def cap_per_file(errors: list[str], limit: int = ERRORS_PER_FILE) -> list[str]:
     counts: dict[str, int] = {}
     for line in errors:
         source = _error_source(line)
-        counts[source] = counts.get(source, 0) + 1
-        if counts[source] <= limit:
+        more = _more_count(line, source)  # a parser's own cap (blockd.lists.LineErrors) counts on
+        counts[source] = counts.get(source, 0) + (more or 1)
+        if not more and counts[source] <= limit:
             shown.append(line)
     shown += [f"{source}: ... and {n - limit} more errors" for source, n in counts.items() if n > limit]
     return shown
+
+
+def _more_count(line: str, source: str) -> int:
+    """N of a "file: ... and N more errors" line, else 0."""
+    count = line.removeprefix(f"{source}: ... and ").removesuffix(" more errors")
+    return int(count) if count.isdecimal() and count.isascii() else 0
 
 
 def _error_source(line: str) -> str:

@@ -2,20 +2,28 @@
 
 Every problem is collected (not just the first) and named by its key, e.g.
 "blockd.toml: groups.gov.networks[1]: '10.0.0.0/33' is not a valid network".  Relative
-paths are relative to the config file's directory.
+paths are relative to the config file's directory; a path holding a NUL byte or a control
+character is an error of its key (_Parser.path).  The file itself is read as list files are
+(blockd.bounded_read): a regular file of at most 16 MiB.
 """
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blockd.bounded_read import DEFAULT_MAX_BYTES, DEFAULT_MAX_LINE_BYTES, FileRefused, ReadLimits, read_bytes
 from blockd.egress import EgressSettings, settings_problems
+from blockd.excerpt import excerpt
+from blockd.limits import KindLimits, LimitSettings
 from blockd.names import InvalidNameError, normalize
 from blockd.prefix_table import IPNetwork
 
@@ -24,7 +32,9 @@ ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused", "monitor")
 LIST_ACTIONS = (*ACTIONS, "zone")
 LIST_FORMATS = ("list", "rpz")
 LIST_MATCHES = ("subtree", "exact")
-LIST_KEYS = ("path", "action", "allow_shrink", "format", "match", "zone", "primaries", "tsig")
+LIST_KEYS = (
+    "path", "action", "allow_shrink", "format", "match", "zone", "primaries", "tsig", "max_bytes", "max_line_bytes",
+)  # fmt: skip
 BLOCKING_ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused")
 QUERY_LOG_MODES = ("none", "blocked", "all")
 # Built-in lists (escape hatches to encrypted DNS); config lists may not take these names.
@@ -68,6 +78,8 @@ lists = ["tiktok", "bytedance", "doh-bypass"]
 action = "sinkhole"
 """
 EMBEDDED_NAME = "<embedded default>"
+# The config file itself: read whole, so bounded; its lines may be long (a list of networks).
+CONFIG_LIMITS = ReadLimits(max_bytes=16 * 1024**2, max_line_bytes=16 * 1024**2)
 
 
 class ConfigError(Exception):
@@ -97,13 +109,16 @@ class ServerConfig:
     nsid: str = ""  # RFC 5001 NSID given to clients that ask ("" -> none)
     version: str = ""  # CH TXT version.bind / version.server ("" -> REFUSED)
     identity: str = ""  # CH TXT hostname.bind / id.server ("" -> REFUSED)
+    user: str | None = None  # started as root: the user to become once the listeners are bound
+    group: str | None = None  # ...and its group (None: the user's own)
 
 
 @dataclass(frozen=True)
 class UpstreamConfig:
     servers: tuple[Endpoint, ...] = ()
-    timeout: float = 2.0
+    timeout: float = 2.0  # for a whole client query, every upstream attempt included
     forward_ecs: bool = False
+    strategy: str = "ordered"  # ordered | fastest | parallel (blockd.upstream_health)
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,10 @@ class CacheConfig:
     size: int = 100_000
     min_ttl: int = 0
     max_ttl: int = 86400
+    max_bytes: int = 256 * 1024 * 1024  # estimated memory of the entries (blockd.cache.entry_cost)
+    serve_stale: bool = False  # RFC 8767: off, as in Unbound and BIND (see README: Cache)
+    stale_max: int = 86400
+    stale_ttl: int = 30
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,31 @@ class LogConfig:
     client_ip: str = "full"
 
 
+@dataclass(frozen=True)
+class LimitsConfig:
+    """[limits]: per-client limits (blockd.limits), TCP bounds and the UDP answer size cap."""
+
+    clients: LimitSettings = field(default_factory=LimitSettings)
+    max_udp_size: int = 1232  # no UDP answer is larger: what blockd advertises (DNS flag day 2020)
+    tcp_message_timeout: float = 5.0
+    tcp_pipeline: int = 64
+    tcp_write_buffer: int = 262_144
+
+
+OVER_LIMIT_ACTIONS = ("slip", "drop")
+# [limits] keys: the three kinds of client each have qps, burst, upstream_in_flight and tcp_connections,
+# spelled bare for clients in server.allow and with a forwarder_ / outside_ prefix for the others.
+_KIND_KEYS = ("qps", "burst", "upstream_in_flight", "tcp_connections")
+_KIND_PREFIXES = ("", "forwarder_", "outside_")
+LIMITS_KEYS = (
+    "enabled", "ipv4_prefix", "ipv6_prefix", "over_limit", "slip", "upstream_in_flight_total", "max_clients",
+    "max_udp_size", "tcp_message_timeout", "tcp_pipeline", "tcp_write_buffer", "kernel_block_qps",
+    "kernel_block_seconds",
+    *(prefix + name for prefix in _KIND_PREFIXES for name in _KIND_KEYS),
+)  # fmt: skip
+
 DNSTAP_MESSAGES = ("all", "blocked", "responses")
+UPSTREAM_STRATEGIES = ("ordered", "fastest", "parallel")  # as blockd.upstream_health.STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -151,6 +194,9 @@ class ListConfig:
     zone: str | None = None  # RPZ by zone transfer: the zone name (key form)
     primaries: tuple[Endpoint, ...] = ()
     tsig: Path | None = None  # a BIND key file
+    # Bounds on a list or zone file (blockd.bounded_read): a bigger file or longer line is refused.
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 
     @property
     def is_rpz(self) -> bool | None:
@@ -190,6 +236,7 @@ class Config:
     groups: dict[str, GroupConfig] = field(default_factory=dict)
     egress: EgressSettings = field(default_factory=EgressSettings)
     dnstap: DnstapConfig = field(default_factory=DnstapConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def shipped_base_dir() -> Path:
@@ -229,7 +276,9 @@ def load_config(path: Path | None, resolv_conf: Path = Path("/etc/resolv.conf"))
     if path is None:
         return parse_config(EMBEDDED_DEFAULT, EMBEDDED_NAME, shipped_base_dir(), resolv_conf)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes(path, CONFIG_LIMITS).decode("utf-8")  # never a FIFO: SIGHUP would hang
+    except FileRefused as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.message}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError([f"{path}: cannot read config: {reason}"]) from None
@@ -249,6 +298,22 @@ def parse_config(text: str, source: str, base_dir: Path, resolv_conf: Path = Pat
 
 
 _MISSING = object()
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 class _Parser:
@@ -373,14 +438,21 @@ class _Parser:
             return None
         return Endpoint(str(address), port)
 
-    def path(self, text: str) -> Path:
+    def path(self, key: str, text: str) -> Path:
+        """A path the config names, relative to the config's directory.  Text no file system can
+        take (a NUL byte) or that has no place in a file name (control characters, which would
+        also forge lines where the path is logged) is an error of its key."""
+        problem = _path_problem(text)
+        if problem is not None:
+            self.error(key, f"{excerpt(text)}: {problem}")
+            return self.base_dir  # never used: the config is refused
         candidate = Path(text)
         return candidate if candidate.is_absolute() else self.base_dir / candidate
 
     # -- sections ---------------------------------------------------------------------------
 
     def parse(self, data: dict[str, Any], resolv_conf: Path) -> Config:
-        known = ("server", "upstream", "metrics", "log", "cache", "lists", "groups", "egress", "dnstap")
+        known = ("server", "upstream", "metrics", "log", "cache", "lists", "groups", "egress", "dnstap", "limits")
         for name in data:
             if name not in known:
                 self.error(name, f"unknown section (known: {', '.join(known)})")
@@ -393,13 +465,63 @@ class _Parser:
         groups = self.groups(data, lists)
         egress = self.egress(data)
         dnstap = self.dnstap(data)
-        return Config(self.source, server, upstream, metrics, log, cache, lists, groups, egress, dnstap)
+        limits = self.limits(data)
+        return Config(self.source, server, upstream, metrics, log, cache, lists, groups, egress, dnstap, limits)
+
+    def limits(self, data: dict[str, Any]) -> LimitsConfig:
+        key = "limits"
+        table = self.table(data, key, LIMITS_KEYS)
+        base = LimitSettings()
+        kinds = []
+        for prefix, default in zip(_KIND_PREFIXES, base.kinds, strict=True):
+            kinds.append(
+                KindLimits(
+                    qps=self.number(table, key, f"{prefix}qps", default.qps, 0, 10_000_000),
+                    burst=self.number(table, key, f"{prefix}burst", default.burst, 1, 100_000_000),
+                    upstream_in_flight=self.number(
+                        table, key, f"{prefix}upstream_in_flight", default.upstream_in_flight, 0, 10**6, integer=True
+                    ),
+                    tcp_connections=self.number(
+                        table, key, f"{prefix}tcp_connections", default.tcp_connections, 0, 1_000_000, integer=True
+                    ),
+                )
+            )
+        clients = LimitSettings(
+            enabled=self.boolean(table, key, "enabled", base.enabled),
+            ipv4_prefix=self.number(table, key, "ipv4_prefix", base.ipv4_prefix, 8, 32, integer=True),
+            ipv6_prefix=self.number(table, key, "ipv6_prefix", base.ipv6_prefix, 16, 128, integer=True),
+            client=kinds[0],
+            forwarder=kinds[1],
+            outside=kinds[2],
+            over_limit=self.string(table, key, "over_limit", base.over_limit, OVER_LIMIT_ACTIONS),
+            slip=self.number(table, key, "slip", base.slip, 1, 100, integer=True),
+            upstream_in_flight_total=self.number(
+                table, key, "upstream_in_flight_total", base.upstream_in_flight_total, 1, 1_000_000, integer=True
+            ),
+            max_clients=self.number(table, key, "max_clients", base.max_clients, 100, 10_000_000, integer=True),
+            kernel_block_qps=self.number(
+                table, key, "kernel_block_qps", base.kernel_block_qps, 0, 100_000_000, integer=True
+            ),
+            kernel_block_seconds=self.number(table, key, "kernel_block_seconds", base.kernel_block_seconds, 1, 86400),
+        )
+        defaults = LimitsConfig()
+        return LimitsConfig(
+            clients=clients,
+            max_udp_size=self.number(table, key, "max_udp_size", defaults.max_udp_size, 512, 4096, integer=True),
+            tcp_message_timeout=self.number(
+                table, key, "tcp_message_timeout", defaults.tcp_message_timeout, 0.1, 3600
+            ),
+            tcp_pipeline=self.number(table, key, "tcp_pipeline", defaults.tcp_pipeline, 1, 65535, integer=True),
+            tcp_write_buffer=self.number(
+                table, key, "tcp_write_buffer", defaults.tcp_write_buffer, 65536, 64 * 1024 * 1024, integer=True
+            ),
+        )
 
     def server(self, data: dict[str, Any]) -> ServerConfig:
         key = "server"
         names = (
             "listen", "allow", "pidfile", "tcp_idle_timeout", "tcp_max_connections", "trusted_forwarders", "state_dir",
-            "nsid", "version", "identity",
+            "nsid", "version", "identity", "user", "group",
         )  # fmt: skip
         table = self.table(data, key, names)
         defaults = ServerConfig()
@@ -415,19 +537,35 @@ class _Parser:
         return ServerConfig(
             listen=listen,
             allow=defaults.allow if allow is None else allow,
-            pidfile=self.path(pidfile) if pidfile else None,
+            pidfile=self.path(f"{key}.pidfile", pidfile) if pidfile else None,
             tcp_idle_timeout=self.number(table, key, "tcp_idle_timeout", defaults.tcp_idle_timeout, 0.1, 3600),
             tcp_max_connections=self.number(
                 table, key, "tcp_max_connections", defaults.tcp_max_connections, 1, 100000, integer=True
             ),
             trusted_forwarders=self.networks(table, key, "trusted_forwarders") or (),
-            state_dir=self.path(state_dir)
+            state_dir=self.path(f"{key}.state_dir", state_dir)
             if (state_dir := self.string(table, key, "state_dir", None))
             else defaults.state_dir,
             nsid=self.short_text(table, key, "nsid"),
             version=self.short_text(table, key, "version"),
             identity=self.short_text(table, key, "identity"),
+            user=self.account(table, key, "user", _user_exists),
+            group=self.account(table, key, "group", _group_exists),
         )
+
+    def account(self, table: dict[str, Any], key: str, name: str, exists: Callable[[str], bool]) -> str | None:
+        """A user or group name that must exist here (`blockd check` says so before a start fails)."""
+        value: str | None = self.string(table, key, name, None)
+        if value is None:
+            return None
+        if not value or "\0" in value or not exists(value):
+            kind = "user" if name == "user" else "group"
+            self.error(f"{key}.{name}", f"no such {kind} {value!r}")
+            return None
+        if name == "group" and "user" not in table:
+            self.error(f"{key}.group", "is the group of server.user: set user too")
+            return None
+        return value
 
     def short_text(self, table: dict[str, Any], key: str, name: str) -> str:
         """A string blockd puts in answers (NSID, CH TXT): printable ASCII, at most 255 bytes."""
@@ -439,7 +577,7 @@ class _Parser:
 
     def upstream(self, data: dict[str, Any], resolv_conf: Path) -> UpstreamConfig:
         key = "upstream"
-        table = self.table(data, key, ("servers", "timeout", "forward_ecs"))
+        table = self.table(data, key, ("servers", "timeout", "forward_ecs", "strategy"))
         items = self.string_list(table, key, "servers")
         if items is None:
             servers = tuple(read_resolv_conf(resolv_conf))
@@ -451,16 +589,22 @@ class _Parser:
                 self.error(f"{key}.servers", "must name at least one upstream resolver")
         timeout = self.number(table, key, "timeout", UpstreamConfig.timeout, 0.05, 30)
         forward_ecs = self.boolean(table, key, "forward_ecs", UpstreamConfig.forward_ecs)
-        return UpstreamConfig(servers=servers, timeout=timeout, forward_ecs=forward_ecs)
+        strategy = self.string(table, key, "strategy", UpstreamConfig.strategy, UPSTREAM_STRATEGIES)
+        return UpstreamConfig(servers=servers, timeout=timeout, forward_ecs=forward_ecs, strategy=strategy)
 
     def cache(self, data: dict[str, Any]) -> CacheConfig:
         key = "cache"
-        table = self.table(data, key, ("size", "min_ttl", "max_ttl"))
+        names = ("size", "max_bytes", "min_ttl", "max_ttl", "serve_stale", "stale_max", "stale_ttl")
+        table = self.table(data, key, names)
         defaults = CacheConfig()
         config = CacheConfig(
             size=self.number(table, key, "size", defaults.size, 0, 10_000_000, integer=True),
+            max_bytes=self.number(table, key, "max_bytes", defaults.max_bytes, 1 << 20, 1 << 40, integer=True),
             min_ttl=self.number(table, key, "min_ttl", defaults.min_ttl, 0, 86400, integer=True),
             max_ttl=self.number(table, key, "max_ttl", defaults.max_ttl, 0, 7 * 86400, integer=True),
+            serve_stale=self.boolean(table, key, "serve_stale", defaults.serve_stale),
+            stale_max=self.number(table, key, "stale_max", defaults.stale_max, 1, 30 * 86400, integer=True),
+            stale_ttl=self.number(table, key, "stale_ttl", defaults.stale_ttl, 1, 3600, integer=True),
         )
         if config.min_ttl > config.max_ttl:
             self.error(f"{key}.min_ttl", f"{config.min_ttl} is larger than cache.max_ttl ({config.max_ttl})")
@@ -474,7 +618,7 @@ class _Parser:
         )  # fmt: skip
         table = self.table(data, key, names)
         defaults = EgressSettings()
-        prefixes = tuple(self.path(text) for _, text in self.string_list(table, key, "prefixes") or [])
+        prefixes = tuple(self.path(item, text) for item, text in self.string_list(table, key, "prefixes") or [])
         settings = EgressSettings(
             enabled=self.boolean(table, key, "enabled", defaults.enabled),
             table=self.number(table, key, "table", defaults.table, 1, 2**32 - 1, integer=True),
@@ -506,7 +650,7 @@ class _Parser:
         defaults = LogConfig()
         path = self.string(table, key, "path", defaults.path)
         if path != "-" and path:
-            path = str(self.path(path))
+            path = str(self.path(f"{key}.path", path))
         return LogConfig(
             queries=self.string(table, key, "queries", defaults.queries, QUERY_LOG_MODES),
             path=path or "-",
@@ -524,7 +668,7 @@ class _Parser:
         elif socket_text:
             target = self.dnstap_socket(f"{key}.socket", socket_text)
         elif file_text:
-            target = f"file:{self.path(file_text)}"
+            target = f"file:{self.path(f'{key}.file', file_text)}"
         return DnstapConfig(
             target=target,
             identity=self.string(table, key, "identity", ""),
@@ -539,7 +683,7 @@ class _Parser:
             if "\0" in where:
                 self.error(item_key, f"{text!r}: NUL in the socket path")
                 return None
-            return f"unix:{self.path(where)}"
+            return f"unix:{self.path(item_key, where)}"
         if kind == "tcp" and where:
             endpoint = self.endpoint(item_key, where, 6000)
             return f"tcp:{endpoint}" if endpoint is not None else None
@@ -559,6 +703,9 @@ class _Parser:
                 continue
             if name in BUILTIN_LISTS:
                 self.error(key, f"{name!r} is the name of a built-in list; choose another")
+                continue
+            if not name.isprintable():  # it is logged, labels metrics and may name a file
+                self.error(f"lists.{excerpt(name)}", "a list name must be printable text")
                 continue
             table = self.known_keys(value, key, LIST_KEYS)
             list_config = self.list_source(name, key, table)
@@ -581,14 +728,16 @@ class _Parser:
         list_format = self.string(table, key, "format", None, LIST_FORMATS)
         config = ListConfig(
             name=name,
-            path=self.path(path) if path is not None else None,
+            path=self.path(f"{key}.path", path) if path is not None else None,
             action=self.string(table, key, "action", None, LIST_ACTIONS),
             allow_shrink=self.boolean(table, key, "allow_shrink", False),
             format=list_format,
             match=self.string(table, key, "match", "subtree", LIST_MATCHES),
             zone=zone,
             primaries=self.primaries(table, key) if zone_name is not None else (),
-            tsig=self.path(tsig) if (tsig := self.string(table, key, "tsig", None)) else None,
+            tsig=self.path(f"{key}.tsig", tsig) if (tsig := self.string(table, key, "tsig", None)) else None,
+            max_bytes=self.number(table, key, "max_bytes", DEFAULT_MAX_BYTES, 1, 2**40, integer=True),
+            max_line_bytes=self.number(table, key, "max_line_bytes", DEFAULT_MAX_LINE_BYTES, 16, 2**24, integer=True),
         )
         self.check_list_keys(key, table, config)
         return config
@@ -598,6 +747,12 @@ class _Parser:
             for name in ("primaries", "tsig"):
                 if name in table:
                     self.error(f"{key}.{name}", "only for a list transferred from primaries (set zone)")
+        else:
+            for name in ("max_bytes", "max_line_bytes"):
+                if name in table:
+                    self.error(f"{key}.{name}", "only for a list read from a file (set path)")
+            if "/" in config.name or config.name.startswith("."):
+                self.error(key, f"{excerpt(config.name)}: a transferred list's name names its copy in server.state_dir")
         if config.is_rpz and "match" in table:
             self.error(f"{key}.match", "RPZ triggers say exact (name) or below (*.name) themselves")
         if config.action == "zone" and config.is_rpz is False:
@@ -679,7 +834,7 @@ class _Parser:
                 interfaces=interfaces,
                 vlans=vlans,
                 block_answer_prefixes=tuple(
-                    self.path(text) for _, text in self.string_list(table, key, "block_answer_prefixes") or []
+                    self.path(item, text) for item, text in self.string_list(table, key, "block_answer_prefixes") or []
                 ),
                 block_firefox_canary=self.boolean(table, key, "block_firefox_canary", True),
                 block_private_relay=self.boolean(table, key, "block_private_relay", True),
@@ -713,6 +868,22 @@ class _Parser:
             self.error(f"{key}.{name}", f"{text!r} is not an IPv{version} address")
             return None
         return address
+
+
+def _path_problem(text: str) -> str | None:
+    """Why text cannot be a path, or None."""
+    if not text:
+        return "empty path"
+    if "\0" in text:
+        return "a path cannot contain a NUL byte"
+    control = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        return f"a path cannot contain a control character (U+{ord(control):04X})"
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return f"not representable in the file system's encoding ({sys.getfilesystemencoding()})"
+    return None
 
 
 def _is_port_text(text: str) -> bool:

@@ -15,11 +15,18 @@ by interfaces/VLANs), and only then is blockd.netlink (pyroute2) imported:
     blocking group blocks, and FollowUpLookups -> Upstreams (no policy, no cache) -> learn
     for sinkholed questions;
   reload, interface changes, timer and netlink rule/route events -> EgressService reconcile.
+
+Start: the DNS listeners bind (while possibly root), root is dropped to server.user
+(blockd.privileges), then every other service starts.  systemd hears READY=1 once the listeners
+answer, RELOADING=1/READY=1 around each SIGHUP reload, STOPPING=1, and WATCHDOG=1 from a timer on
+the reactor (blockd.sd_notify).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import os
 import secrets
 import signal
 import socket
@@ -30,11 +37,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
-from blockd import __version__, wire
+from blockd import __version__, privileges, wire
 from blockd.admin import AdminService
 from blockd.cache import AnswerCache
 from blockd.config import Config, ConfigError, DnstapConfig, load_config
@@ -42,14 +49,18 @@ from blockd.dnstap import Counters, DnstapSettings, DnstapSink
 from blockd.egress import EgressSettings, LearnedAddresses, NetlinkChange
 from blockd.egress_service import EgressService, FollowUpLookups
 from blockd.interface_groups import InterfaceMap, InterfaceNetworks, InterfaceSelector, networks_of
+from blockd.kernel_blocks import KernelBlocks
+from blockd.limits import ClientLimits
 from blockd.metrics import (
     CacheCollector,
     DnstapMetrics,
     EgressCollector,
     EgressMetrics,
+    LimitCollector,
     ListSizeCollector,
     Metrics,
     NullMetrics,
+    UpstreamHealthCollector,
 )
 from blockd.netlink_services import EgressAdapter, NetlinkServices, Runner, ThreadRunner, Watcher
 from blockd.notify import NotifyReceiver, NoZones
@@ -60,8 +71,10 @@ from blockd.querylog import QueryLog
 from blockd.reload import Reloader, build_for_reload, status_path_for
 from blockd.repeats import RepeatMemo
 from blockd.resolver import AnswerWatcher, Clock, IgnoreAnswers, Resolver
+from blockd.scrub import scrub
+from blockd.sd_notify import Notifier, watchdog_interval
 from blockd.secondary_lists import SecondaryLists, TransferSetupError, ZoneCollector, load_stored_copies
-from blockd.server import DNSStreamFactory
+from blockd.server import DNSStreamFactory, StreamSettings
 from blockd.services import DNSService, DnstapService, PidFile, QueryLogService, StartupError
 from blockd.settings import LIVE_KEYS, live_values, needs_restart
 from blockd.upstream import Upstreams
@@ -154,6 +167,8 @@ class Daemon:
         netlink: Callable[[Any, EgressSettings], NetlinkParts] = real_netlink,
         clock: Clock | None = None,
         stored_zones: Mapping[str, StoredZone] | None = None,
+        notifier: Notifier | None = None,
+        system: privileges.System | None = None,
     ):
         self.reactor = reactor
         self.config = config
@@ -161,6 +176,9 @@ class Daemon:
         self.clock: Clock = clock if clock is not None else MonotonicClock()
         self.policy = PolicyHolder(policy)
         self.ready = False
+        self.notifier = notifier if notifier is not None else Notifier.from_environ()  # no-op outside systemd
+        self.system = system  # the credentials server.user changes (None: this process's)
+        self.watchdog: task.LoopingCall | None = None
         self.metrics: Metrics = Metrics() if config.metrics.listen is not None else NullMetrics()
         self.metrics.registry.register(
             ListSizeCollector(lambda: {name: len(lst) for name, lst in self.policy().lists.items()})
@@ -172,7 +190,9 @@ class Daemon:
             config.upstream.timeout,
             record=self._record_upstream,
             tap=self.dnstap.forwarded if self.dnstap is not None and self.dnstap.forwarder else None,
+            strategy=config.upstream.strategy,
         )
+        self.metrics.registry.register(UpstreamHealthCollector(self.upstreams))
         self.query_log = QueryLog(
             config.log.queries,
             config.log.path,
@@ -182,7 +202,11 @@ class Daemon:
             on_line=self.metrics.query_log_lines.inc,
             clock_ns=time.time_ns,  # the log says when, on the wall clock
         )
-        self.cache = AnswerCache(config.cache.size, config.cache.min_ttl, config.cache.max_ttl)
+        cache = config.cache
+        self.cache = AnswerCache(
+            cache.size, cache.min_ttl, cache.max_ttl, cache.serve_stale, cache.stale_max, cache.stale_ttl,
+            cache.max_bytes,
+        )  # fmt: skip
         self.metrics.registry.register(CacheCollector(self.cache))
         # Egress runs with the settings it started with (blockd.settings: restart keys).
         self.egress_settings = config.egress
@@ -193,6 +217,9 @@ class Daemon:
         self.interfaces: InterfaceNetworks | None = None
         self._build_netlink(netlink)
         self.secondaries = self._build_secondaries(stored_zones or {})
+        self.limits = ClientLimits(config.limits.clients)
+        self.repeats = RepeatMemo()
+        self.metrics.registry.register(LimitCollector(self.limits, self.repeats))
         self.resolver = Resolver(
             self.policy,
             self.upstreams,
@@ -201,15 +228,15 @@ class Daemon:
             self.cache,
             self.clock,
             self._answer_watcher(),
-            RepeatMemo(),
+            self.repeats,
             self._notify_receiver(),
             forward_ecs=config.upstream.forward_ecs,
             tap=self.dnstap,
             identity=wire.ServerIdentity(config.server.nsid.encode(), config.server.version, config.server.identity),
+            limits=self.limits,
+            max_udp_size=config.limits.max_udp_size,
         )
-        self.stream_factory = DNSStreamFactory(
-            self.resolver, config.server.tcp_idle_timeout, config.server.tcp_max_connections, reactor
-        )
+        self.stream_factory = DNSStreamFactory(self.resolver, stream_settings(config), self.limits, reactor)
         self._appliers = self._live_appliers()
         self.reloader = Reloader(
             current=self.policy,
@@ -244,6 +271,12 @@ class Daemon:
             gate=(lambda: interfaces.ready) if interfaces is not None else None,
         )
         self.dns.setServiceParent(self.services)
+        limits = config.limits.clients
+        self.kernel_blocks = KernelBlocks(
+            reactor, limits.kernel_block_seconds, self.dns.udp_sockets, self.metrics.count_limited
+        )
+        if limits.enabled and limits.kernel_block_qps:
+            self.limits.on_flood = self.kernel_blocks.block
         if self.secondaries is not None:
             self.secondaries.setServiceParent(self.services)  # after the listeners: NOTIFY is answered
         if config.metrics.listen is not None:
@@ -364,22 +397,32 @@ class Daemon:
         self.metrics.reload_duration.observe(duration)
         if success:
             self.metrics.last_reload_success.set(time.time())
+        if not self.reloader.pending:  # else another SIGHUP's build follows: still reloading
+            self.notifier.ready(reload_status(success, self.reloader.state.errors))
 
     def _live_appliers(self) -> dict[str, Callable[[Any], None]]:
         """How each live key of blockd.settings reaches the object that uses it."""
         appliers: dict[str, Callable[[Any], None]] = {
             "upstream.servers": lambda value: setattr(self.upstreams, "servers", list(value)),
             "upstream.timeout": lambda value: setattr(self.upstreams, "timeout", value),
+            "upstream.strategy": lambda value: setattr(self.upstreams, "strategy", value),
             "upstream.forward_ecs": lambda value: setattr(self.resolver, "forward_ecs", value),
             "cache.size": lambda value: setattr(self.cache, "size", value),
             "cache.min_ttl": lambda value: setattr(self.cache, "min_ttl", value),
             "cache.max_ttl": lambda value: setattr(self.cache, "max_ttl", value),
-            "server.tcp_idle_timeout": lambda value: setattr(self.stream_factory, "idle_timeout", value),
-            "server.tcp_max_connections": lambda value: setattr(self.stream_factory, "max_connections", value),
+            "cache.max_bytes": lambda value: setattr(self.cache, "max_bytes", value),
+            "cache.serve_stale": lambda value: setattr(self.cache, "serve_stale", value),
+            "cache.stale_max": lambda value: setattr(self.cache, "stale_max", value),
+            "cache.stale_ttl": lambda value: setattr(self.cache, "stale_ttl", value),
+            "server.tcp_idle_timeout": lambda value: self._set_stream(idle_timeout=value),
+            "server.tcp_max_connections": lambda value: self._set_stream(max_connections=value),
         }
         if set(appliers) != LIVE_KEYS:  # the settings table and this method must agree
             raise RuntimeError(f"live settings without an applier: {sorted(LIVE_KEYS ^ set(appliers))}")
         return appliers
+
+    def _set_stream(self, **changes: Any) -> None:
+        self.stream_factory.settings = dataclasses.replace(self.stream_factory.settings, **changes)
 
     def _apply(self, config: Config, policy: Policy) -> None:
         """A reload: swap in a validated policy (reactor thread) and the settings that change live."""
@@ -436,14 +479,59 @@ class Daemon:
         self.query_log.reopen()
         if self.dnstap is not None:
             self.dnstap.reopen()
+        # Each SIGHUP is answered with its own RELOADING=1 (systemd 253's notify-reload matches
+        # it to the signal it sent by MONOTONIC_USEC); READY=1 follows when the last build ends.
+        self.notifier.reloading()
         self.reloader.request()
 
     def start(self) -> None:
         _log_ignored_triggers(self.policy.current)
+        # The DNS listeners bind first, while blockd may still be root (port 53); root is then
+        # dropped (server.user) before any other service opens a file or starts a thread.
+        self.services.privilegedStartService()
+        self._drop_privileges()
         self.services.startService()
         self.reloader.announce()  # a status file from an earlier process must not confuse `blockd reload`
         self.attach_egress()
         self.dns.opened.addCallback(self._serving)
+        self._start_watchdog()
+
+    def _drop_privileges(self) -> None:
+        """Become server.user when started as root; StartupError naming the key otherwise."""
+        server = self.config.server
+        if server.user is None:
+            if os.geteuid() == 0:
+                _log.info("running as root: set server.user to drop root once the listeners are bound")
+            return
+        system = self.system if self.system is not None else privileges.LinuxSystem()
+        # What the user must reach, found while root still sees every path.
+        roots = privileges.module_roots(sys.modules.values(), sys.path)
+        checks = privileges.existing(privileges.needed_access(self.config, self.config_path, roots), Path.exists)
+        try:
+            account = privileges.resolve(server.user, server.group)
+            kept = privileges.kept_capabilities(self.config)
+            if not privileges.drop_to(account, kept, system):
+                return  # already that user (systemd's User=)
+        except privileges.PrivilegeError as exc:
+            raise StartupError(str(exc)) from None
+        problems = privileges.access_problems(checks, os.access)
+        if problems:
+            raise StartupError(f"server.user: {account.user} cannot {'; '.join(problems)}")
+        _log.info(
+            "now running as {user}:{group}{caps}",
+            user=account.user,
+            group=account.group,
+            caps=" with CAP_NET_ADMIN (egress)" if kept else " without capabilities",
+        )
+
+    def _start_watchdog(self) -> None:
+        """WATCHDOG=1 from the reactor itself: a wedged reactor stops the pings and systemd restarts it."""
+        interval = watchdog_interval(os.environ, os.getpid())
+        if interval is None or not self.notifier.enabled:
+            return
+        self.watchdog = task.LoopingCall(self.notifier.watchdog)  # never raises: the loop never stops
+        self.watchdog.clock = self.reactor
+        self.watchdog.start(interval, now=True)
 
     def attach_egress(self) -> None:
         """Start EgressService under the (running) netlink services: the one place it is attached.
@@ -469,10 +557,40 @@ class Daemon:
         gc.collect()
         gc.freeze()
         self.ready = True
+        # From the running reactor: at start the listeners open before reactor.run(), which is
+        # what then answers (and handles SIGTERM).
+        listen = ", ".join(str(endpoint) for endpoint in self.config.server.listen)
+        self.reactor.callLater(0, self.notifier.ready, f"serving on {listen}")
 
     def stop(self) -> defer.Deferred[object]:
         self.ready = False
+        self.notifier.stopping()
+        if self.watchdog is not None and self.watchdog.running:
+            self.watchdog.stop()
+        if not self.services.running:  # start failed before the services started: only listeners are open
+            return defer.maybeDeferred(self.dns.stopService)
         return defer.maybeDeferred(self.services.stopService)
+
+
+def stream_settings(config: Config) -> StreamSettings:
+    """The TCP listener's bounds from server.tcp_* and limits.tcp_*."""
+    return StreamSettings(
+        idle_timeout=config.server.tcp_idle_timeout,
+        max_connections=config.server.tcp_max_connections,
+        message_timeout=config.limits.tcp_message_timeout,
+        max_pending=config.limits.tcp_pipeline,
+        write_buffer=config.limits.tcp_write_buffer,
+    )
+
+
+def reload_status(success: bool, errors: list[str]) -> str:
+    """STATUS= after a reload: the outcome in one line (the journal has every error)."""
+    if success:
+        return "serving: reload succeeded"
+    if not errors:
+        return "serving the previous policy: reload refused"
+    count = f" ({len(errors)} errors)" if len(errors) > 1 else ""
+    return f"serving the previous policy: reload refused{count}: {errors[0]}"
 
 
 def _log_ignored_triggers(policy: Policy) -> None:
@@ -483,7 +601,7 @@ def _log_ignored_triggers(policy: Policy) -> None:
 
 
 def _learnable(answer: bytes) -> tuple[tuple[IPAddress, ...], float]:
-    info = analyze(answer)
+    info = analyze(scrub(answer).answer)  # only the chain's addresses, as for a client's answer
     if info.rcode != wire.RCODE_NOERROR:
         return (), 0
     return info.addresses + info.hint_addresses, info.lifetime or 0

@@ -39,6 +39,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
+from blockd.bounded_read import FileRefused, ReadLimits, open_text
+from blockd.excerpt import clip, excerpt
 from blockd.lists import LineError, ListLoadError
 from blockd.prefix_table import IPAddress, IPNetwork, PrefixTable, normalize_network
 
@@ -132,15 +134,15 @@ def parse_prefix_line(text: str) -> IPNetwork | None:
     if not line:
         return None
     if len(line.split()) > 1:
-        raise ValueError(f"expected one CIDR prefix per line, got {line!r}")
+        raise ValueError(f"expected one CIDR prefix per line, got {excerpt(line)}")
     try:
         network = ipaddress.ip_network(line, strict=True)
     except ValueError as exc:
         try:
             loose = ipaddress.ip_network(line, strict=False)
         except ValueError:
-            raise ValueError(f"{line!r} is not a valid prefix: {exc}") from None
-        raise ValueError(f"{line!r} has host bits set; did you mean {loose}?") from None
+            raise ValueError(f"{excerpt(line)} is not a valid prefix: {clip(str(exc))}") from None
+        raise ValueError(f"{excerpt(line)} has host bits set; did you mean {loose}?") from None
     if network.prefixlen == 0:
         raise ValueError(f"refusing to block the whole address space ({line})")
     return network
@@ -168,10 +170,14 @@ def load_prefix_files(paths: Iterable[Path]) -> tuple[IPNetwork, ...]:
     for path in paths:
         shown = str(path)
         try:
-            with open(path, encoding="utf-8") as handle:
+            with open_text(path, ReadLimits(), errors="strict") as handle:  # a regular file, bounded
                 networks, file_errors = parse_prefix_lines(handle, shown)
         except UnicodeDecodeError as exc:
             errors.append(LineError(shown, 0, f"not UTF-8 text: {exc.reason}"))
+            continue
+        except FileRefused as exc:
+            message = exc.message if exc.line else f"cannot read prefix file: {exc.message}"
+            errors.append(LineError(shown, exc.line, message))
             continue
         except OSError as exc:
             errors.append(LineError(shown, 0, f"cannot read prefix file: {exc.strerror or exc}"))

@@ -7,8 +7,10 @@ Formats (one entry per line, mixable in one file):
   wildcard        *.tiktok.com
 Lines starting with "#" or "!" are comments, as is " #..." after an entry; "[Adblock Plus 2.0]"
 style headers are ignored.  Every entry blocks itself and all its subdomains, so "*.name" and
-"name" mean the same.  Every invalid line is reported with file:line; a list with any error is
-refused as a whole.
+"name" mean the same.  Every invalid line is reported with file:line (the first MAX_LINE_ERRORS of
+them, then how many more), quoting at most 100 characters of it; a list with any error is refused
+as a whole.  Files are read through blockd.bounded_read: only regular files, within the list's
+max_bytes and max_line_bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blockd.bounded_read import FileRefused, ReadLimits, open_text
+from blockd.excerpt import excerpt
 from blockd.names import InvalidNameError, normalize
 
 if TYPE_CHECKING:  # blockd.rpz imports this module (LineError)
@@ -104,16 +108,16 @@ def parse_line(text: str) -> list[str]:
     if line.startswith("||"):
         body = line[2:]
         if "$" in body:
-            raise InvalidNameError(f"adblock modifiers are not supported: {line!r}")
+            raise InvalidNameError(f"adblock modifiers are not supported: {excerpt(line)}")
         if not body.endswith("^"):
-            raise InvalidNameError(f"adblock rule must end with '^': {line!r}")
+            raise InvalidNameError(f"adblock rule must end with '^': {excerpt(line)}")
         return [_entry(body[:-1])]
     fields = line.split()
     if len(fields) > 1:
         try:
             ipaddress.ip_address(fields[0])
         except ValueError:
-            raise InvalidNameError(f"expected one domain per line or a hosts-file line, got {line!r}") from None
+            raise InvalidNameError(f"expected one domain per line or a hosts-file line, got {excerpt(line)}") from None
         return [_entry(name) for name in fields[1:] if name.lower() not in _HOSTS_BOILERPLATE]
     return [_entry(fields[0])]
 
@@ -122,10 +126,10 @@ def _entry(raw: str) -> str:
     if raw.startswith("*."):
         raw = raw[2:]
     if "*" in raw:
-        raise InvalidNameError(f"wildcards are only supported as a leading '*.': {raw!r}")
+        raise InvalidNameError(f"wildcards are only supported as a leading '*.': {excerpt(raw)}")
     key = normalize(raw)
     if "." not in key:
-        raise InvalidNameError(f"refusing to block the whole top-level domain {key!r}")
+        raise InvalidNameError(f"refusing to block the whole top-level domain {excerpt(key)}")
     return key
 
 
@@ -134,10 +138,34 @@ _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _PLAIN_NAME = re.compile(rf"(?=[^\r\n]{{1,253}}\r?\n?\Z)(?:{_LABEL}\.)+(?![0-9]+\r?\n?\Z){_LABEL}\r?\n?\Z")
 
 
+# A file of the wrong format has an error on every line: the report (and its memory) stays bounded.
+MAX_LINE_ERRORS = 100
+
+
+class LineErrors(list[LineError]):
+    """A file's errors: the first MAX_LINE_ERRORS kept, the rest counted into one last error."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.more = 0
+
+    def add(self, line: int, message: str) -> None:
+        if len(self) < MAX_LINE_ERRORS:
+            self.append(LineError(self.path, line, message))
+        else:
+            self.more += 1
+
+    def done(self) -> list[LineError]:
+        """Every error kept, and how many were not (as an error of the file)."""
+        more = [LineError(self.path, 0, f"... and {self.more} more errors")] if self.more else []
+        return [*self, *more]
+
+
 def parse_lines(lines: Iterable[str], path: str) -> tuple[set[str], list[LineError]]:
     """Parse lines, collecting every error instead of stopping at the first."""
     domains: set[str] = set()
-    errors: list[LineError] = []
+    errors = LineErrors(path)
     add = domains.add
     plain = _PLAIN_NAME.match
     for number, text in enumerate(lines, start=1):
@@ -148,13 +176,13 @@ def parse_lines(lines: Iterable[str], path: str) -> tuple[set[str], list[LineErr
             continue
         bad_byte = undecodable_byte(text)
         if bad_byte is not None:
-            errors.append(LineError(path, number, f"not UTF-8 text: invalid byte 0x{bad_byte:02x}"))
+            errors.add(number, f"not UTF-8 text: invalid byte 0x{bad_byte:02x}")
             continue
         try:
             domains.update(parse_line(text))
         except InvalidNameError as exc:
-            errors.append(LineError(path, number, str(exc)))
-    return domains, errors
+            errors.add(number, str(exc))
+    return domains, errors.done()
 
 
 def undecodable_byte(text: str) -> int | None:
@@ -176,20 +204,38 @@ def file_signature(fd: int) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
-def load_list(name: str, path: Path, display_path: str | None = None, previous: DomainList | None = None) -> DomainList:
+def read_error(shown: str, exc: OSError | FileRefused, what: str = "list") -> ListLoadError:
+    """The error of a file that could not be read (refused by a bound, or an OSError)."""
+    if isinstance(exc, FileRefused):
+        if exc.line:
+            return ListLoadError([LineError(shown, exc.line, exc.message)])
+        return ListLoadError([LineError(shown, 0, f"cannot read {what}: {exc.message}")])
+    return ListLoadError([LineError(shown, 0, f"cannot read {what}: {exc.strerror or exc}")])
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+
+def load_list(
+    name: str,
+    path: Path,
+    display_path: str | None = None,
+    previous: DomainList | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
+) -> DomainList:
     """Read and parse one list file; raises ListLoadError naming file:line for every bad line.
 
     previous: the same list as last loaded; reused as is when the file has not changed.
     """
     shown = display_path or str(path)
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        with open_text(path, limits) as handle:
             signature = file_signature(handle.fileno())
             if previous is not None and previous.signature == signature and previous.path == shown:
                 return DomainList(name, shown, previous.domains, signature)
             domains, errors = parse_lines(handle, shown)
-    except OSError as exc:
-        raise ListLoadError([LineError(shown, 0, f"cannot read list: {exc.strerror or exc}")]) from None
+    except (OSError, FileRefused) as exc:
+        raise read_error(shown, exc) from None
     if errors:
         raise ListLoadError(errors)
     return DomainList(name=name, path=shown, domains=domains, signature=signature)

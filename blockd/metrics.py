@@ -13,14 +13,22 @@ see zeros.  Sizes (list entries) are read at scrape time by a collector.
   blockd_dns_dropped_total{reason}                    packets not answered (malformed, overload)
   blockd_upstream_requests_total{upstream,result}     upstream attempts by outcome
   blockd_upstream_request_duration_seconds{upstream}  successful attempt latency
+  blockd_upstream_up{upstream}, blockd_upstream_sockets  (UpstreamHealthCollector, at scrape time)
   blockd_list_domains{list}                           entries loaded per list
   blockd_reloads_total{result}                        success / failure
   blockd_last_reload_success_timestamp_seconds
   blockd_reload_duration_seconds
   blockd_query_log_lines_total, blockd_query_log_dropped_total, blockd_query_log_errors_total
-  blockd_cache_requests_total, blockd_cache_hits_total, blockd_cache_evictions_total, blockd_cache_entries
+  blockd_cache_requests_total, blockd_cache_hits_total, blockd_cache_evictions_total, blockd_cache_entries,
+  blockd_cache_stale_answers_total, blockd_cache_bytes
+  blockd_limited_total{reason}                       per-client limits applied (LIMITED_REASONS)
+  blockd_query_errors_total                           internal errors answered SERVFAIL/FORMERR
+  blockd_limit_clients, blockd_limit_table_overflows_total, blockd_upstream_queries_in_flight,
+  blockd_tcp_connections, blockd_repeat_memo_clears_total, blockd_repeat_memo_bytes
+                                                      (LimitCollector, at scrape time)
   blockd_build_info{version}
   blockd_group_interface_networks{group}              subnets read from a group's interfaces/VLANs
+  blockd_scrubbed_records_total{section}              upstream records removed by blockd.scrub (ScrubMetrics)
 
 With [dnstap] on (DnstapMetrics):
   blockd_dnstap_frames_total{result}                  sent / dropped (queue full, collector gone, write error)
@@ -71,12 +79,29 @@ QTYPE_LABELS = {
     255: "ANY",
 }
 ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused", "monitor", "passthru", "drop", "tcp-only", "local-data")
-UPSTREAM_RESULTS = ("success", "timeout", "refused", "error", "truncated", "mismatch")
+# refused: ICMP port unreachable; servfail / refused_rcode: the upstream answered SERVFAIL / REFUSED.
+UPSTREAM_RESULTS = ("success", "timeout", "refused", "error", "truncated", "mismatch", "servfail", "refused_rcode")
 DROP_REASONS = ("short", "response", "overload", "send_error", "policy")
 RECONCILE_RESULTS = ("success", "failure")
 EGRESS_OPERATIONS = ("add_rule", "del_rule", "add_route", "del_route")
 EGRESS_ROUTE_SOURCES = ("static", "learned", "never")
 FOLLOW_UP_RESULTS = ("started", "deduplicated", "rate_limited", "failed")
+# Why blockd_limited_total counted a query or connection (blockd.limits, blockd.server).
+LIMITED_REASONS = (
+    "rate_drop",  # over its UDP rate: dropped
+    "rate_slip",  # over its UDP rate: answered with TC=1 only
+    "upstream_in_flight",  # its cap on queries waiting for an upstream: SERVFAIL
+    "upstream_total",  # the global cap on queries waiting for an upstream: SERVFAIL
+    "tcp_connections",  # its cap on TCP connections: connection closed
+    "tcp_full",  # tcp_max_connections reached with no idle connection to close
+    "tcp_evicted",  # an idle connection closed to admit a new one
+    "tcp_throttled",  # over its rate over TCP: reading paused
+    "tcp_message_timeout",  # a message not completed within tcp_message_timeout
+    "tcp_empty_frame",  # a zero-length frame: connection closed
+    "tcp_write_buffer",  # a client not reading its answers: connection closed
+    "kernel_block",  # a client flooding far over its rate: its UDP dropped in the kernel for a while
+    "kernel_block_full",  # as many clients blocked in the kernel as the filter holds
+)
 DNS_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -92,6 +117,9 @@ class Metrics:
         self.blocked: dict[tuple[str, str, str], int] = {}
         self.responses: dict[str, int] = dict.fromkeys(set(RCODE_NAMES.values()), 0)
         self.repeat_cells: dict[tuple[str, str, str, str, str, str], list[int]] = {}
+        # Per-client limits (blockd.limits): a plain dict, as for the per-query counters, since a
+        # flood is counted one limited query at a time.
+        self.limited: dict[str, int] = dict.fromkeys(LIMITED_REASONS, 0)
         r.register(QueryCounters(self))
         self.dropped = Counter("blockd_dns_dropped", "Packets given no answer.", ["reason"], registry=r)
         self.upstream_requests = Counter(
@@ -131,6 +159,10 @@ class Metrics:
             self.reloads.labels(result)
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
+        self.query_errors = Counter(
+            "blockd_query_errors", "Queries answered SERVFAIL or FORMERR after an internal error.", registry=r
+        )
+        self.scrubbed = ScrubMetrics(r)  # answer scrubbing: see its block at the end of this file
 
     def declare(self, groups: Iterable[tuple[str, Iterable[tuple[str, str]]]], upstreams: Iterable[str]) -> None:
         """Create zero series for every configured group, (list, action) and upstream."""
@@ -174,6 +206,9 @@ class Metrics:
     def count_drop(self, reason: str) -> None:
         self.dropped.labels(reason).inc()
 
+    def count_limited(self, reason: str) -> None:
+        self.limited[reason] += 1
+
 
 class NullMetrics(Metrics):
     """Counts nothing on the query path: [metrics] listen = "" (also the benchmark's 'metrics off')."""
@@ -206,6 +241,7 @@ class QueryCounters(Collector):
             dict(m.blocked),
             dict(m.responses),
         )
+        limited = dict(m.limited)
         for (group, transport, qtype, list_name, action, rcode), cell in list(m.repeat_cells.items()):
             count = cell[0]
             queries[group, transport] = queries.get((group, transport), 0) + count
@@ -223,11 +259,66 @@ class QueryCounters(Collector):
                 blocked,
             ),
             ("blockd_dns_responses", "DNS answers sent, by response code.", ["rcode"], responses),
+            ("blockd_limited", "Queries and TCP connections held to a per-client limit.", ["reason"], limited),
         ):
             family = CounterMetricFamily(name, doc, labels=labels)
             for key, value in sorted(values.items()):
                 family.add_metric(key if isinstance(key, tuple) else (key,), value)
             yield family
+
+
+class LimitState(Protocol):
+    """What LimitCollector reads from the per-client limits (blockd.limits.ClientLimits)."""
+
+    @property
+    def table_overflows(self) -> int: ...
+    def clients_tracked(self) -> int: ...
+    def upstream_in_flight(self) -> int: ...
+    def tcp_connections(self) -> int: ...
+
+
+class MemoState(Protocol):
+    """What LimitCollector reads from the repeated-query memo (blockd.repeats.RepeatMemo)."""
+
+    @property
+    def clears(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+
+
+class LimitCollector(Collector):
+    """Sizes of the per-client limit tables and of the repeated-query memo, read at scrape time."""
+
+    def __init__(self, limits: LimitState, memo: MemoState):
+        self._limits = limits
+        self._memo = memo
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        limits = self._limits
+        yield GaugeMetricFamily(
+            "blockd_limit_clients", "Clients with a rate-limit bucket.", value=limits.clients_tracked()
+        )
+        yield CounterMetricFamily(
+            "blockd_limit_table_overflows",
+            "Times the rate-limit table was emptied because too many clients were active.",
+            value=limits.table_overflows,
+        )
+        yield GaugeMetricFamily(
+            "blockd_upstream_queries_in_flight",
+            "Client queries waiting for an upstream.",
+            value=limits.upstream_in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "blockd_tcp_connections", "Open DNS-over-TCP connections.", value=limits.tcp_connections()
+        )
+        yield CounterMetricFamily(
+            "blockd_repeat_memo_clears",
+            "Times the repeated-query memo was emptied on reaching its bound.",
+            value=self._memo.clears,
+        )
+        yield GaugeMetricFamily(
+            "blockd_repeat_memo_bytes", "Bytes held by the repeated-query memo.", value=self._memo.bytes
+        )
 
 
 class CacheCounters(Protocol):
@@ -239,6 +330,10 @@ class CacheCounters(Protocol):
     def hits(self) -> int: ...
     @property
     def evictions(self) -> int: ...
+    @property
+    def stale_answers(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
     def __len__(self) -> int: ...
 
 
@@ -258,6 +353,14 @@ class CacheCollector(Collector):
             "blockd_cache_evictions", "Entries evicted to stay within cache.size.", value=cache.evictions
         )
         yield GaugeMetricFamily("blockd_cache_entries", "Entries in the answer cache.", value=len(cache))
+        yield GaugeMetricFamily(
+            "blockd_cache_bytes", "Estimated memory held by the answer cache's entries.", value=cache.bytes
+        )
+        yield CounterMetricFamily(
+            "blockd_cache_stale_answers",
+            "Expired answers served because no upstream answered (serve-stale).",
+            value=cache.stale_answers,
+        )
 
 
 class ListSizeCollector(Collector):
@@ -381,3 +484,50 @@ class EgressCollector(Collector):
         for result in FOLLOW_UP_RESULTS:
             family.add_metric([result], getattr(follow_up, f"{result}_total", 0) if follow_up is not None else 0)
         yield family
+
+
+# -- Answer scrubbing (blockd.scrub) ----------------------------------------------------------------
+
+SCRUB_SECTIONS = ("answer", "authority", "additional")  # the order of blockd.scrub.Scrubbed.removed
+
+
+class ScrubMetrics:
+    """blockd_scrubbed_records_total{section}: records removed from upstream answers as outside the
+    question's bailiwick chain.  Counted once per upstream answer (a cache miss), not per client."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.records = Counter(
+            "blockd_scrubbed_records",
+            "Upstream answer records removed as outside the question's bailiwick chain.",
+            ["section"],
+            registry=registry,
+        )
+        self._sections = tuple(self.records.labels(section) for section in SCRUB_SECTIONS)
+
+    def count(self, removed: tuple[int, int, int]) -> None:
+        """One answer's Scrubbed.removed: (answer, authority, additional)."""
+        for series, count in zip(self._sections, removed, strict=True):
+            if count:
+                series.inc(count)
+
+
+# -- Upstream health (blockd.upstream, blockd.upstream_health) -----------------------------------
+
+
+class UpstreamHealthCollector(Collector):
+    """blockd_upstream_up{upstream} (1 up, 0 down and being probed) and blockd_upstream_sockets
+    (UDP sockets open to the upstreams), read at scrape time from a blockd.upstream.Upstreams."""
+
+    def __init__(self, upstreams: Any):
+        self._upstreams = upstreams
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "blockd_upstream_up", "1 while the upstream answers, 0 while it is skipped and probed.", labels=["upstream"]
+        )
+        for name, is_up in self._upstreams.up().items():
+            up.add_metric([name], 1 if is_up else 0)
+        yield up
+        yield GaugeMetricFamily(
+            "blockd_upstream_sockets", "UDP sockets open to the upstreams.", value=self._upstreams.open_sockets()
+        )

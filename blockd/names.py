@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from blockd.excerpt import excerpt
+
 MAX_NAME_LENGTH = 253
 MAX_LABEL_LENGTH = 63
 
@@ -36,20 +38,20 @@ def normalize(text: str) -> str:
         try:
             name = name.lower().encode("idna").decode("ascii")
         except UnicodeError as exc:
-            raise InvalidNameError(f"invalid internationalised name {text!r}: {exc}") from None
+            raise InvalidNameError(f"invalid internationalised name {excerpt(text)}: {exc}") from None
     name = name.lower()
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"name longer than {MAX_NAME_LENGTH} characters")
     labels = name.split(".")
     for label in labels:
         if not label:
-            raise InvalidNameError(f"empty label in {text!r}")
+            raise InvalidNameError(f"empty label in {excerpt(text)}")
         if len(label) > MAX_LABEL_LENGTH:
-            raise InvalidNameError(f"label longer than {MAX_LABEL_LENGTH} characters in {text!r}")
+            raise InvalidNameError(f"label longer than {MAX_LABEL_LENGTH} characters in {excerpt(text)}")
         if not _LABEL_RE.match(label):
-            raise InvalidNameError(f"invalid character in {text!r}")
+            raise InvalidNameError(f"invalid character in {excerpt(text)}")
     if labels[-1].isdigit():
-        raise InvalidNameError(f"{text!r} looks like an IP address, not a domain name")
+        raise InvalidNameError(f"{excerpt(text)} looks like an IP address, not a domain name")
     return name
 
 

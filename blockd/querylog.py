@@ -9,8 +9,12 @@ the line's raw fields (time, client, and the answer's facts, or for a repeated b
 its precomputed tail) to a bounded in-memory queue; a writer thread drains it a few times a
 second, formats every line (the timestamp once per millisecond, each client's text once) and
 writes them in one call.  Lines keep their order; stop() writes what is queued.  A full queue drops lines
-(counted); a write error (disk full, unwritable file) is logged once, counted, and the daemon
-keeps answering.  reopen() (on SIGHUP) makes the writer reopen the file, for logrotate.
+(counted); a write error (disk full, unwritable file) is counted once per write, logged once per
+outage (at most once a minute), the lines it could not write are dropped and counted, and the
+daemon keeps answering.  The file only ever holds whole JSON lines: a write cut short in mid-line
+(ENOSPC) is completed first thing at the next write, on the same descriptor; if the file is
+closed before that can happen (reopen, stop), it is cut back to its last line end.
+reopen() (on SIGHUP) makes the writer reopen the file, for logrotate.
 
 Metrics: blockd_query_log_lines_total, blockd_query_log_dropped_total,
 blockd_query_log_errors_total.
@@ -18,7 +22,9 @@ blockd_query_log_errors_total.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import ipaddress
 import itertools
 import json
@@ -42,6 +48,7 @@ from blockd.writer_thread import WriterThread
 _log = Logger()
 QUEUE_LIMIT = 200_000
 FLUSH_INTERVAL = 0.2
+ERROR_LOG_INTERVAL = 60.0  # seconds between two "cannot write" messages, however often writes fail
 
 
 _json_string = json.encoder.encode_basestring_ascii
@@ -59,6 +66,8 @@ def line_tail(
     rcode: int,
     denied: bool = False,
     error: bool = False,
+    action: str | None = None,
+    suppressed: int | None = None,
 ) -> str:
     """Everything of a log line after the client, as JSON text.
 
@@ -71,8 +80,10 @@ def line_tail(
     if verdict is not None:
         action, list_name, domain, via = verdict.action, verdict.list_name, verdict.domain, verdict.via
     else:
-        action = "error" if error else "denied" if denied else "forward"
+        action = action or ("error" if error else "denied" if denied else "forward")
         list_name = domain = via = None
+    # A sampled line (blockd.log_sampling) says how many like it went unlogged before it.
+    more = f',"suppressed":{suppressed}' if suppressed is not None else ""
     return (
         f'"group":{_json_string(group.name if group is not None else NO_GROUP)},'
         f'"qname":{_json_or_null(key)},'
@@ -81,7 +92,7 @@ def line_tail(
         f'"list":{_json_or_null(list_name)},'
         f'"domain":{_json_or_null(domain)},'
         f'"via":{_json_or_null(via)},'
-        f'"rcode":{_rcode_text(rcode)}}}'
+        f'"rcode":{_rcode_text(rcode)}{more}}}'
     )
 
 
@@ -131,6 +142,8 @@ class QueryLog:
         on_drop: Callable[[], None] = lambda: None,
         on_line: Callable[[int], None] = lambda count: None,
         clock_ns: Callable[[], int] = time.time_ns,
+        monotonic: Callable[[], float] = time.monotonic,
+        opener: Callable[[str], IO[bytes]] | None = None,
     ):
         self.mode = mode
         self.path = path
@@ -143,8 +156,14 @@ class QueryLog:
         self.logs_allowed = mode == "all"
         self.queue: deque[Entry] = deque()
         self._reopen = False
-        self._error_reported = False
+        self._error_reported = False  # the current outage was logged
+        self._monotonic = monotonic
+        self._opener = opener or _open_for_append
+        self._quiet_until = float("-inf")  # no "cannot write" message before then
         self._file: IO[bytes] | None = None
+        # After a write cut short in mid-line: the rest of that line, and how much of it the file has.
+        self._unfinished = b""
+        self._partial = 0
         self._writer = WriterThread("blockd-query-log", self.flush, FLUSH_INTERVAL, self._close)
         self._formatter = _LineFormatter(self.format_client)
 
@@ -171,6 +190,16 @@ class QueryLog:
             self.on_drop()
             return
         queue.append((self.clock_ns(), client, line_tail(group, key, qtype, None, rcode, error=True)))
+
+    def sampled(
+        self, client: str, group: Group | None, query: Query | None, action: str, rcode: int, suppressed: int
+    ) -> None:
+        """A refused ("denied") or rate-limited query, one line per client per interval
+        (blockd.log_sampling): with how many were not logged since the last one."""
+        if not self.logs_blocked:
+            return
+        key, qtype = (query.key, query.qtype) if query is not None else (None, 0)
+        self.repeated(client, line_tail(group, key, qtype, None, rcode, action=action, suppressed=suppressed))
 
     def repeated(self, client: str, tail: str) -> None:
         """A repeated blocked query whose line tail (line_tail()) the caller kept."""
@@ -206,41 +235,116 @@ class QueryLog:
         entries = [queue.popleft() for _ in range(len(queue))]
         if not entries:
             return
-        text = self._formatter.text(entries)
+        self._write(len(entries), self._formatter.text(entries))
+
+    def _write(self, count: int, text: bytes) -> None:
+        """Write count lines (text), after the rest of a line cut short last time."""
+        unfinished = self._unfinished
+        data = unfinished + text
+        error: OSError | None
         try:
             handle = self._open()
-            handle.write(text)
-            handle.flush()
         except OSError as exc:
-            self.on_error()
-            for _ in entries:
-                self.on_drop()
-            if not self._error_reported:
-                self._error_reported = True
-                _log.error("query log {path}: cannot write ({error}); answering continues", path=self.path, error=exc)
-            self._close()
+            written, error = 0, exc
+        else:
+            written, error = _write_all(handle, data)
+        completed = data.count(b"\n", 0, written)
+        if completed:
+            self.on_line(completed)
+        if error is None:
+            self._unfinished, self._partial = b"", 0
+            self._recovered()
             return
+        self._cut_short(data, written)
+        # Lines of this batch neither written nor waiting to be completed are lost.
+        kept = completed - (1 if unfinished and written >= len(unfinished) else 0)
+        kept += 1 if self._unfinished and written > len(unfinished) else 0
+        for _ in range(count - kept):
+            self.on_drop()
+        self.on_error()
+        self._report(error)
+        if not self._unfinished:
+            self._close()  # the next write reopens: the error may have been this file's
+
+    def _cut_short(self, data: bytes, written: int) -> None:
+        """Remember what a write that stopped after `written` bytes of data left unfinished."""
+        if not written:
+            return  # the file is as it was
+        if data[written - 1] == 0x0A:
+            self._unfinished, self._partial = b"", 0
+            return
+        line_start = data.rfind(b"\n", 0, written) + 1
+        self._partial = self._partial + written if line_start == 0 else written - line_start
+        self._unfinished = data[written : data.index(b"\n", written) + 1]
+
+    def _finish_line(self, handle: IO[bytes]) -> None:
+        """Before the file is closed: complete its last line, or else cut it off."""
+        written, error = _write_all(handle, self._unfinished)
+        if error is None:
+            self.on_line(1)
+        else:
+            try:
+                size = handle.seek(0, io.SEEK_END)
+                handle.truncate(size - self._partial - written)
+            except (OSError, ValueError) as exc:  # a pipe cannot be cut
+                _log.error("query log {path}: its last line stays incomplete ({error})", path=self.path, error=exc)
+        self._unfinished, self._partial = b"", 0
+
+    def _report(self, error: OSError) -> None:
+        if self._error_reported:
+            return
+        now = self._monotonic()
+        if now < self._quiet_until:
+            return  # flapping: the next message once the interval is over, if it still fails
+        self._error_reported = True
+        self._quiet_until = now + ERROR_LOG_INTERVAL
+        _log.error("query log {path}: cannot write ({error}); answering continues", path=self.path, error=error)
+
+    def _recovered(self) -> None:
         if self._error_reported:
             self._error_reported = False
             _log.info("query log {path}: writing again", path=self.path)
-        self.on_line(len(entries))
 
     def _open(self) -> IO[bytes]:
         if self._file is None:
             if self.path == "-":
-                self._file = sys.stdout.buffer
+                # Unbuffered, so that a write's count says what reached the pipe.
+                sys.stdout.flush()
+                self._file = getattr(sys.stdout.buffer, "raw", sys.stdout.buffer)
             else:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-                self._file = os.fdopen(fd, "ab")
+                self._file = self._opener(self.path)
         return self._file
 
     def _close(self) -> None:
-        if self._file is not None and self._file is not sys.stdout.buffer:
+        if self._file is not None and self._unfinished:
+            self._finish_line(self._file)
+        if self._file is not None and self.path != "-":
             try:
                 self._file.close()
             except OSError:
                 pass
         self._file = None
+
+
+def _open_for_append(path: str) -> IO[bytes]:
+    # Unbuffered: a write's count is what reached the file (and one write per flush anyway).
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640), "ab", buffering=0)
+
+
+def _write_all(handle: IO[bytes], data: bytes) -> tuple[int, OSError | None]:
+    """(bytes written, None), or (bytes written before it, the error): a write can stop short."""
+    view = memoryview(data)
+    written = 0
+    try:
+        while written < len(data):
+            count = handle.write(view[written:])
+            if not count:  # None: a non-blocking file that would block
+                raise BlockingIOError(errno.EAGAIN, "the file takes no more bytes now")
+            written += count
+        handle.flush()
+    except OSError as exc:
+        return written, exc
+    return written, None
 
 
 class _Heads(dict[int, bytes]):

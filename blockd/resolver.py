@@ -7,6 +7,7 @@
                          and let through (monitor)
     cache / in flight    AnswerCache.get, or join an identical question already upstream
     forward              Upstreams.resolve
+    scrub the answer     blockd.scrub: only the question's CNAME chain and its proof stay
     check the answer     Policy.check_answer: CNAME cloaking, blocked answer addresses
     deliver              render the cached bytes for this client, TC if too big for UDP
 
@@ -35,12 +36,17 @@ from blockd import wire
 from blockd.cache import AnswerCache, CacheEntry, CacheKey, cache_key, render
 from blockd.classify import Client
 from blockd.garden import follow_target, splice
+from blockd.limits import ClientLimits, Kind, LimitSettings, kind_of
+from blockd.limits import Verdict as LimitVerdict
+from blockd.log_sampling import Sampler
 from blockd.metrics import Metrics
 from blockd.notify import NotifyReceiver
 from blockd.policy import DNSSEC_INFRASTRUCTURE_TYPES, NO_GROUP, Group, Policy, Verdict
+from blockd.query_errors import ErrorReporter
 from blockd.querylog import line_tail
 from blockd.question import NotifyRequest, Unreadable, read_question
 from blockd.repeats import BlockedRepeat, CachedRepeat, Repeat, RepeatMemo
+from blockd.scrub import scrub
 from blockd.upstream import UpstreamError
 from blockd.upstream_answer import AnswerInfo, MalformedAnswer, analyze
 from blockd.wire import Query
@@ -73,6 +79,11 @@ class QueryObserver(Protocol):
 
     def unreadable(self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int) -> None:
         """A packet answered from its header (FORMERR, NOTIMP) or BADVERS: key and qtype when read."""
+
+    def sampled(
+        self, client: str, group: Group | None, query: Query | None, action: str, rcode: int, suppressed: int
+    ) -> None:
+        """A refused ("denied") or rate-limited query, logged once per client per interval."""
 
 
 class WireTap(Protocol):
@@ -159,6 +170,7 @@ class Asker:
         "received_ns",
         "transport",
         "trusted",
+        "upstream_slot",
         "verdict",
     )
 
@@ -183,6 +195,7 @@ class Asker:
         self.transport = transport
         self.policy = policy  # the snapshot the query started with; it finishes on it
         self.trusted = trusted
+        self.upstream_slot: str | None = None  # the client's upstream slot, if this asker took one
         self.deferred: defer.Deferred[bytes | None] = defer.Deferred()
 
 
@@ -248,6 +261,9 @@ class Resolver:
         forward_ecs: bool = False,
         tap: WireTap | None = None,
         identity: wire.ServerIdentity | None = None,
+        limits: ClientLimits | None = None,
+        max_udp_size: int = wire.SERVER_UDP_PAYLOAD,
+        errors: ErrorReporter | None = None,
     ):
         self.policy = policy
         self.upstreams = upstreams
@@ -266,6 +282,12 @@ class Resolver:
         self.in_flight = InFlight()
         self._log_blocked = observer.logs_blocked  # read once: the repeat path checks it per query
         self._following = False  # resolving a walled garden's target (blockd.garden)
+        self.limits = limits if limits is not None else ClientLimits(LimitSettings(enabled=False))
+        self._limiting = self.limits.enabled  # read once: every UDP query checks it
+        self.max_udp_size = max_udp_size  # no UDP answer is larger (amplification)
+        self.errors = errors if errors is not None else ErrorReporter()
+        self._refused_log = Sampler()
+        self._limited_log = Sampler()
 
     def handle(
         self, data: bytes, client: str, transport: str, port: int = 0
@@ -275,6 +297,12 @@ class Resolver:
         port is the client's (dnstap reports it; 0 when unknown)."""
         policy = self.policy()
         who = policy.classifier.classify(client)
+        if self._limiting and transport == "udp":
+            # Kind: 0 client, 1 trusted forwarder, 2 outside server.allow (blockd.limits.Kind).
+            kind = (1 if who.trusted else 0) if who.allowed else 2
+            decision = self.limits.check_udp(client, Kind(kind), self.clock.seconds())
+            if decision:
+                return self._over_rate(decision, data, client)
         if who.allowed and not who.trusted:
             repeat = self.repeats.lookup(policy, who.group, data)
             if repeat is not None:
@@ -295,10 +323,46 @@ class Resolver:
         verdict = self._check_question(policy, group, query)
         if verdict is not None and verdict.blocks_on(transport):
             return self._answer_blocked_question(policy, who, client, query, verdict, transport, port)
+        if query.qtype == wire.TYPE_ANY and transport == "udp":
+            return self._minimal_any(client, group, query, verdict, port)
         # The arrival time, for dnstap; -1: a walled garden's own lookup, not a client's query.
         received = (self.tap.now_ns() if not self._following else -1) if self._tapping else 0
         asker = Asker(query, client, group, verdict, transport, policy, who.trusted, port, received)
         return self._answer_from_upstream(asker)
+
+    # -- outside the steps: limits and failures -------------------------------------------------
+
+    def client_kind(self, client: str) -> Kind:
+        """Which limits this client gets (blockd.limits)."""
+        who = self.policy().classifier.classify(client)
+        return kind_of(who.allowed, who.trusted)
+
+    def _over_rate(self, decision: LimitVerdict, data: bytes, client: str) -> bytes | None:
+        """A UDP query over its client's rate: dropped, or (slip) answered TC=1 to come back over TCP;
+        logged sampled, without reading it (what it asked is not worth the time)."""
+        suppressed = self._limited_log.sample(self.limits.keys.key(client), self.clock.seconds())
+        if suppressed is not None:
+            self.observer.sampled(client, None, None, "rate-limited", NO_ANSWER, suppressed)
+        if decision == LimitVerdict.DROP:
+            self.metrics.count_limited("rate_drop")
+            return None
+        self.metrics.count_limited("rate_slip")
+        return wire.raw_response(data, wire.RCODE_NOERROR, wire.FLAG_TC)
+
+    def failed(self, data: bytes, client: str, exc: BaseException) -> bytes | None:
+        """The answer to a query whose handling raised: SERVFAIL (FORMERR if it has no readable
+        question), counted, and logged without a traceback per packet (blockd.query_errors)."""
+        self.metrics.query_errors.inc()
+        report = self.errors.report(exc, client, self.clock.seconds())
+        if report is not None:
+            if report.with_traceback:
+                _log.failure(report.message, Failure(exc))
+            else:
+                _log.warn("{message}", message=report.message)
+        try:
+            return wire.raw_response(data, wire.RCODE_SERVFAIL)
+        except Exception:  # noqa: BLE001 - the error answer itself must never raise
+            return None
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -360,9 +424,22 @@ class Resolver:
             self.tap.answered(client, port, transport, query.raw, answer, None, False, 0)
         return answer
 
+    def _minimal_any(
+        self, client: str, group: Group | None, query: Query, verdict: Verdict | None, port: int
+    ) -> bytes:
+        """ANY over UDP: RFC 8482's one HINFO, never the whole name (amplification); TCP is forwarded."""
+        answer = self._with_nsid(query, wire.minimal_any_response(query))
+        self.metrics.count_response(wire.RCODE_NOERROR)
+        self.observer.answered(client, group, query, verdict, wire.RCODE_NOERROR)
+        if self._tapping:
+            self.tap.answered(client, port, "udp", query.raw, answer, verdict, False, 0)
+        return answer
+
     def _refused(self, client: str, group: Group | None, query: Query, transport: str, port: int) -> bytes:
         self.metrics.count_response(wire.RCODE_REFUSED)
-        self.observer.answered(client, group, query, None, wire.RCODE_REFUSED, denied=True)
+        suppressed = self._refused_log.sample(self.limits.keys.key(client), self.clock.seconds())
+        if suppressed is not None:  # one line per client per interval: a refused flood cannot fill the disk
+            self.observer.sampled(client, group, query, "denied", wire.RCODE_REFUSED, suppressed)
         answer = wire.error_response(query, wire.RCODE_REFUSED, wire.EDE_PROHIBITED, "client not allowed")
         answer = self._with_nsid(query, answer)
         if self._tapping:
@@ -392,13 +469,23 @@ class Resolver:
         target = follow_target(verdict, query) if answer is not None and not self._following else None
         if answer is not None and target is not None:
             garden = self._walled_garden(answer, target, query, client, transport)
+            if transport == "udp":
+                garden = self._fit_udp_later(query, garden)
             if self._tapping:
                 self._tap_garden(garden, client, port, transport, query, verdict)
             return garden
+        whole = answer
+        if answer is not None and transport == "udp" and verdict.action == "local-data":
+            answer = self._fit_udp(query, answer, query.id)  # RPZ local data can be long
         if self._tapping and not self._following:
             self.tap.answered(client, port, transport, query.raw, answer, verdict, False, 0)
-        # Not remembered: no answer (drop), or one that differs by transport (tcp-only).
-        if answer is not None and verdict.action != "tcp-only" and self.repeats.may_remember(query, who.trusted):
+        # Not remembered: no answer (drop), or one that differs by transport (tcp-only, truncated).
+        if (
+            answer is not None
+            and answer is whole
+            and verdict.action != "tcp-only"
+            and self.repeats.may_remember(query, who.trusted)
+        ):
             group = verdict.group
             rcode = answer[3] & 0x0F
             counters = (
@@ -464,22 +551,38 @@ class Resolver:
         except Exception:  # noqa: BLE001 - e.g. dnslib cannot re-pack a record it parsed
             _log.failure("cannot forward {name}", name=asker.query.key)
             return self._servfail(asker, "query cannot be forwarded")
+        slot = self.limits.start_upstream(asker.client, Kind.FORWARDER if asker.trusted else Kind.CLIENT)
+        if slot is None:  # this client's share of upstream queries (or everyone's) is taken
+            self.metrics.count_limited(self.limits.upstream_refusal)
+            return self._servfail(asker, "too many queries in flight", wire.EDE_OTHER)
+        asker.upstream_slot = slot
         self.in_flight.start(key, asker)
         self.upstreams.resolve(message, asker.query.question).addCallbacks(
             self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,)
         )
         return asker.deferred
 
-    def _answered(self, answer: bytes, key: CacheKey) -> None:
+    def _finish(self, key: CacheKey) -> list[Asker]:
+        """The askers of a question that came back (or failed), its upstream slot given back."""
         askers = self.in_flight.finish(key)
+        if askers and askers[0].upstream_slot is not None:  # the first asker started it
+            self.limits.finish_upstream(askers[0].upstream_slot)
+            askers[0].upstream_slot = None
+        return askers
+
+    def _answered(self, answer: bytes, key: CacheKey) -> None:
+        askers = self._finish(key)
         now = self.clock.seconds()
         try:
-            info = analyze(answer)
+            scrubbed = scrub(answer)  # before anything reads it: only the question's chain stays
+            info = analyze(scrubbed.answer)
         except MalformedAnswer as exc:
             _log.warn("malformed upstream answer for {name}: {error}", name=key[0], error=exc)
             for asker in askers:
                 asker.deferred.callback(self._servfail(asker, "malformed upstream answer"))
             return
+        self.metrics.scrubbed.count(scrubbed.removed)
+        answer = scrubbed.answer
         entry = self.cache.entry_for(answer, info, now)
         self.cache.put(key, entry)
         for asker in askers:
@@ -493,8 +596,14 @@ class Resolver:
     def _failed(self, failure: Failure, key: CacheKey) -> None:
         if not failure.check(UpstreamError):
             _log.failure("forwarding {name} failed", failure, name=key[0])
-        for asker in self.in_flight.finish(key):
-            asker.deferred.callback(self._servfail(asker, "no upstream answered"))
+        askers = self._finish(key)
+        now = self.clock.seconds()
+        stale = self.cache.stale(key, now) if askers else None
+        for asker in askers:
+            if stale is not None:  # serve-stale (RFC 8767): the last answer, policy checked as ever
+                asker.deferred.callback(self._answer_with(asker, stale, now, key))
+            else:
+                asker.deferred.callback(self._servfail(asker, "no upstream answered"))
 
     def _answer_with(self, asker: Asker, entry: CacheEntry, now: float, key: CacheKey) -> bytes | None:
         """An upstream answer (cached or fresh) for one asker: check it, remember it, deliver it."""
@@ -543,12 +652,29 @@ class Resolver:
     ) -> bytes:
         """The answer as this client gets it: its ID and spelling, aged TTLs, TC if too big for UDP."""
         answer = self._with_nsid(query, render(entry, query, now, query_id))
-        if transport == "udp" and len(answer) > query.response_limit:
-            answer = self._with_nsid(query, wire.truncated_response(answer, query, query_id))
+        if transport == "udp":
+            answer = self._fit_udp(query, answer, query_id)
         rcode = answer[3] & 0x0F
         self.metrics.count_response(rcode)
         self.observer.answered(client, group, query, verdict, rcode)
         return answer
+
+    def _fit_udp(self, query: Query, answer: bytes, query_id: int) -> bytes:
+        """The answer, or TC=1 when it is larger than the client accepts or than blockd sends
+        (limits.max_udp_size: what blockd advertises, so a spoofed query cannot amplify)."""
+        limit = query.response_limit
+        if limit > self.max_udp_size:
+            limit = self.max_udp_size
+        if len(answer) <= limit:
+            return answer
+        return self._with_nsid(query, wire.truncated_response(answer, query, query_id))
+
+    def _fit_udp_later(
+        self, query: Query, answer: bytes | defer.Deferred[bytes | None]
+    ) -> bytes | defer.Deferred[bytes | None]:
+        if isinstance(answer, bytes):
+            return self._fit_udp(query, answer, query.id)
+        return answer.addCallback(lambda whole: self._fit_udp(query, whole, query.id) if whole else whole)
 
     def _blocked(self, client: str, query: Query, verdict: Verdict) -> bytes | None:
         """blockd's own answer for a blocked name (None: drop it), counted and logged."""
@@ -567,10 +693,10 @@ class Resolver:
         self.observer.answered(client, verdict.group, query, verdict, rcode)
         return answer
 
-    def _servfail(self, asker: Asker, reason: str) -> bytes:
+    def _servfail(self, asker: Asker, reason: str, ede_code: int = wire.EDE_NO_REACHABLE_AUTHORITY) -> bytes:
         self.metrics.count_response(wire.RCODE_SERVFAIL)
         self.observer.answered(asker.client, asker.group, asker.query, asker.verdict, wire.RCODE_SERVFAIL)
-        answer = wire.error_response(asker.query, wire.RCODE_SERVFAIL, wire.EDE_NO_REACHABLE_AUTHORITY, reason)
+        answer = wire.error_response(asker.query, wire.RCODE_SERVFAIL, ede_code, reason)
         answer = self._with_nsid(asker.query, answer)
         if self._tapping:
             self._tap_asker(asker, answer, asker.verdict)

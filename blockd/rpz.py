@@ -35,7 +35,8 @@ Master files: $ORIGIN (absolute or relative), $TTL, ";" comments (not inside quo
 parentheses across lines, a blank owner for the previous one, "@", relative and absolute
 owners, an optional TTL (BIND units: 1h30m, 2d, 1w) and class (IN only) in either order, type
 names and TYPEnnn, "\\# n hex" generic RDATA.  $INCLUDE and $GENERATE are refused.  Every error
-is collected with file:line; a zone with any error is refused as a whole.
+is collected with file:line (the first blockd.lists.MAX_LINE_ERRORS, then a count), quoting at most
+100 characters of the file's text; a zone with any error is refused as a whole.
 
 Fast: the shapes a big zone is made of ("name CNAME .", "*.name 300 IN CNAME rpz-drop.", ...)
 are recognised by one precompiled regex and stored with a dict setdefault: no tokenizer, no
@@ -59,7 +60,8 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
-from blockd.lists import LineError, undecodable_byte
+from blockd.excerpt import clip, excerpt
+from blockd.lists import LineError, LineErrors, undecodable_byte
 from blockd.names import key_from_wire_labels
 
 RPZ_ACTIONS = ("nxdomain", "nodata", "passthru", "drop", "tcp-only", "local-data")
@@ -209,13 +211,13 @@ def _unescape(text: str) -> tuple[list[bytes], bool]:
         digits, char, dot, run, broken = match.groups()
         dot_last = dot is not None
         if broken is not None:
-            raise _Problem(f"bad escape in {text!r}: use \\DDD (three decimal digits) or \\ and one character")
+            raise _Problem(f"bad escape in {excerpt(text)}: use \\DDD (three decimal digits) or \\ and one character")
         if dot_last:
             labels.append(bytes(label))
             label = bytearray()
         elif digits is not None:
             if int(digits) > 255:
-                raise _Problem(f"bad escape in {text!r}: \\{digits} is above 255")
+                raise _Problem(f"bad escape in {excerpt(text)}: \\{digits} is above 255")
             label.append(int(digits))
         else:
             label += (char or run).encode("ascii")
@@ -230,7 +232,7 @@ def _split_name(text: str) -> tuple[list[bytes], bool]:
         return [], True
     if "\\" in text:
         if not text.isascii():
-            raise _Problem(f"escapes in an internationalised name are not supported: {text!r}")
+            raise _Problem(f"escapes in an internationalised name are not supported: {excerpt(text)}")
         labels, absolute = _unescape(text)
     else:
         absolute = text.endswith(".")
@@ -238,19 +240,19 @@ def _split_name(text: str) -> tuple[list[bytes], bool]:
         try:
             encoded = body.encode("ascii") if body.isascii() else body.lower().encode("idna")
         except UnicodeError as exc:
-            raise _Problem(f"invalid internationalised name {text!r}: {exc}") from None
+            raise _Problem(f"invalid internationalised name {excerpt(text)}: {clip(str(exc))}") from None
         labels = encoded.split(b".")
     for label in labels:
         if not label:
-            raise _Problem(f"empty label in {text!r}")
+            raise _Problem(f"empty label in {excerpt(text)}")
         if len(label) > 63:
-            raise _Problem(f"label longer than 63 octets in {text!r}")
+            raise _Problem(f"label longer than 63 octets in {excerpt(text)}")
     return labels, absolute
 
 
 def _check_length(labels: list[bytes], text: str) -> list[bytes]:
     if sum(len(label) + 1 for label in labels) + 1 > _MAX_WIRE_NAME:
-        raise _Problem(f"name longer than 255 octets: {text!r}")
+        raise _Problem(f"name longer than 255 octets: {excerpt(text)}")
     return labels
 
 
@@ -351,7 +353,7 @@ def _trigger(rel: str) -> tuple[str, str | IPNetwork]:
             return _IGNORED, last
         if last == "rpz-ip":
             return _IP, _ip_network(rel)
-        raise _Problem(f"unknown RPZ trigger {last!r} in {rel} (known: rpz-ip, {', '.join(IGNORED_TRIGGERS)})")
+        raise _Problem(f"unknown RPZ trigger {excerpt(last)} in {rel} (known: rpz-ip, {', '.join(IGNORED_TRIGGERS)})")
     if rel == "*":
         raise _Problem("a trigger for every name (*) is not supported")
     if rel.startswith("*."):
@@ -615,7 +617,7 @@ def _check_wire_rdata(rtype: int, rdata: bytes) -> None:
     try:
         dns.rdata.from_wire(dns.rdataclass.IN, dns.rdatatype.RdataType.make(rtype), rdata, 0, len(rdata))
     except (dns.exception.DNSException, ValueError, IndexError, UnicodeError, struct.error) as exc:
-        raise _Problem(f"bad {_type_text(rtype)} RDATA: {exc}") from None
+        raise _Problem(f"bad {_type_text(rtype)} RDATA: {clip(str(exc))}") from None
 
 
 def _soa_from_wire(ttl: int, rdata: bytes) -> Soa:
@@ -796,19 +798,19 @@ def _line_tokens(line: str, depth: int) -> tuple[list[str], int]:
         elif comment is not None:
             break
         else:
-            raise _Problem("unterminated quoted string" if stray == '"' else f"unexpected {stray!r}")
+            raise _Problem("unterminated quoted string" if stray == '"' else f"unexpected {excerpt(stray)}")
     return tokens, depth
 
 
 def _ttl_value(token: str, what: str = "TTL") -> int:
     if not _TTL_TEXT.fullmatch(token):
-        raise _Problem(f"bad {what} {token!r}: a number of seconds, or with units like 1h30m, 2d, 1w")
+        raise _Problem(f"bad {what} {excerpt(token)}: a number of seconds, or with units like 1h30m, 2d, 1w")
     if token.isdigit():
         value = int(token)
     else:
         value = sum(int(number) * _TTL_UNITS[unit.lower()] for number, unit in _TTL_PART.findall(token))
     if value > MAX_TTL:
-        raise _Problem(f"{what} {token} is above {MAX_TTL}")
+        raise _Problem(f"{what} {clip(token)} is above {MAX_TTL}")
     return value
 
 
@@ -819,7 +821,7 @@ def _type_value(token: str) -> int:
     try:
         return int(dns.rdatatype.from_text(token))
     except (dns.exception.DNSException, ValueError):
-        raise _Problem(f"unknown record type {token!r}") from None
+        raise _Problem(f"unknown record type {excerpt(token)}") from None
 
 
 def _fields(tokens: list[str]) -> tuple[int | None, int, list[str]]:
@@ -833,7 +835,7 @@ def _fields(tokens: list[str]) -> tuple[int | None, int, list[str]]:
             ttl = _ttl_value(token)
         elif not seen_class and (token.upper() in ("IN", "CLASS1") or _OTHER_CLASS.fullmatch(token)):
             if token.upper() not in ("IN", "CLASS1"):
-                raise _Problem(f"class {token} is not supported: a policy zone is class IN")
+                raise _Problem(f"class {clip(token)} is not supported: a policy zone is class IN")
             seen_class = True
         else:
             break
@@ -848,7 +850,7 @@ class _ZoneParser:
 
     def __init__(self, path: str, origin: str | None) -> None:
         self.path = path
-        self.errors: list[LineError] = []
+        self.errors = LineErrors(path)  # the first MAX_LINE_ERRORS, then a count
         self.zone: PolicyZone | None = None
         self.origin_key: str | None = None  # the current $ORIGIN
         self.origin_labels: list[bytes] | None = None
@@ -904,7 +906,7 @@ class _ZoneParser:
                 line = line.removeprefix("\ufeff")
             tokens, self.depth = _line_tokens(line, self.depth)
         except _Problem as exc:
-            self.errors.append(LineError(self.path, number, str(exc)))
+            self.errors.add(number, str(exc))
             self.pending, self.depth = None, 0
             return
         if self.pending is None:
@@ -918,11 +920,11 @@ class _ZoneParser:
 
     def finish(self) -> tuple[PolicyZone | None, list[LineError]]:
         if self.pending is not None:
-            self.errors.append(LineError(self.path, self.pending_line, "'(' not closed by the end of the file"))
+            self.errors.add(self.pending_line, "'(' not closed by the end of the file")
         if self.zone is None or not self.soa_line:
-            self.errors.append(LineError(self.path, 0, "no SOA record: a zone needs exactly one SOA at its origin"))
+            self.errors.add(0, "no SOA record: a zone needs exactly one SOA at its origin")
         if self.errors:
-            return None, self.errors
+            return None, self.errors.done()
         return self.zone, []
 
     def logical(self, number: int, tokens: list[str], blank: bool) -> None:
@@ -934,7 +936,7 @@ class _ZoneParser:
             else:
                 self.record(number, tokens, blank)
         except _Problem as exc:
-            self.errors.append(LineError(self.path, number, str(exc)))
+            self.errors.add(number, str(exc))
 
     def directive(self, tokens: list[str]) -> None:
         name = tokens[0].upper()
@@ -943,7 +945,7 @@ class _ZoneParser:
         if name == "$GENERATE":
             raise _Problem("$GENERATE is not supported: write the records out in this file")
         if name not in ("$ORIGIN", "$TTL"):
-            raise _Problem(f"unknown directive {tokens[0]}")
+            raise _Problem(f"unknown directive {clip(tokens[0])}")
         if len(tokens) != 2:
             raise _Problem(f"{name} takes one value")
         if name == "$TTL":
@@ -968,7 +970,9 @@ class _ZoneParser:
             labels, absolute = _split_name(text)
         if not absolute:
             if self.origin_labels is None:
-                raise _Problem(f"relative name {text!r} and no $ORIGIN (write it with a trailing dot, or set $ORIGIN)")
+                raise _Problem(
+                    f"relative name {excerpt(text)} and no $ORIGIN (write it with a trailing dot, or set $ORIGIN)"
+                )
             labels = labels + self.origin_labels
         return _check_length(labels, text)
 
@@ -1022,7 +1026,7 @@ class _ZoneParser:
             raise _Problem("SOA takes 7 fields: mname rname serial refresh retry expire minimum")
         mname, rname = (key_from_wire_labels(self.resolve(text)) for text in fields[:2])
         if not fields[2].isdigit() or int(fields[2]) > _MAX_U32:
-            raise _Problem(f"bad SOA serial {fields[2]!r}: a number from 0 to {_MAX_U32}")
+            raise _Problem(f"bad SOA serial {excerpt(fields[2])}: a number from 0 to {_MAX_U32}")
         names = ("refresh", "retry", "expire", "minimum")
         timers = [_ttl_value(text, what) for text, what in zip(fields[3:], names, strict=True)]
         if ttl is None and self.default_ttl is None and self.last_ttl is None:
@@ -1055,7 +1059,7 @@ class _ZoneParser:
             )
             wire = parsed.to_wire()
         except (dns.exception.DNSException, ValueError, UnicodeError) as exc:
-            raise _Problem(f"bad {_type_text(rtype)} data {text!r}: {exc}") from None
+            raise _Problem(f"bad {_type_text(rtype)} data {excerpt(text)}: {clip(str(exc))}") from None
         assert wire is not None
         return wire
 

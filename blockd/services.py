@@ -7,6 +7,7 @@ Constructors build; startService binds and opens; stopService releases.  A start
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -25,6 +26,9 @@ from blockd.resolver import Resolver
 from blockd.server import DNSDatagramProtocol, DNSStreamFactory
 
 _log = Logger()
+
+
+TCP_BACKLOG = 1024
 
 
 class StartupError(Exception):
@@ -87,21 +91,18 @@ class DNSService(service.Service):
         self.resolver = resolver
         self.gate = gate
         self.ports: list[ListeningSocket] = []
+        self._udp_sockets: list[socket.socket] = []
         self.opened: defer.Deferred[None] = defer.Deferred()
+
+    def privilegedStartService(self) -> None:  # noqa: N802 (Twisted API)
+        """Bind while the process may still be root (port 53): blockd.privileges drops root next."""
+        super().privilegedStartService()
+        self._listen()
 
     def startService(self) -> None:  # noqa: N802 (Twisted API)
         super().startService()
-        for endpoint in self.endpoints:
-            try:
-                udp = self.reactor.listenUDP(
-                    endpoint.port, DNSDatagramProtocol(self.resolver), interface=endpoint.host, maxPacketSize=65535
-                )
-                self.ports.append(cast(ListeningSocket, udp))
-                tcp = self.reactor.listenTCP(endpoint.port, self.factory, interface=endpoint.host)
-                self.ports.append(cast(ListeningSocket, tcp))
-            except CannotListenError as exc:
-                raise StartupError(f"server.listen: cannot listen on {endpoint}: {exc.socketError}") from None
-            _log.info("listening for DNS on {endpoint} (UDP and TCP)", endpoint=str(endpoint))
+        if not self.ports:  # started without privilegedStartService (tests)
+            self._listen()
         waiting = self.gate() if self.gate is not None else None
         if waiting is None or waiting.called:
             self.opened.callback(None)
@@ -109,6 +110,29 @@ class DNSService(service.Service):
         for port in self.ports:
             port.stopReading()
         waiting.addCallback(self._open)
+
+    def _listen(self) -> None:
+        # Reading starts at once, but the daemon binds before its reactor runs: nothing is read
+        # before startService applies the gate.
+        for endpoint in self.endpoints:
+            try:
+                udp = self.reactor.listenUDP(
+                    endpoint.port, DNSDatagramProtocol(self.resolver), interface=endpoint.host, maxPacketSize=65535
+                )
+                self.ports.append(cast(ListeningSocket, udp))
+                if isinstance(getattr(udp, "socket", None), socket.socket):
+                    self._udp_sockets.append(udp.socket)  # type: ignore[attr-defined]
+                # A deep accept queue: a burst of connections (a flood capped per client) must not
+                # crowd out another client's SYN, which would then wait a second to be retried.
+                tcp = self.reactor.listenTCP(endpoint.port, self.factory, backlog=TCP_BACKLOG, interface=endpoint.host)
+                self.ports.append(cast(ListeningSocket, tcp))
+            except CannotListenError as exc:
+                raise StartupError(f"server.listen: cannot listen on {endpoint}: {exc.socketError}") from None
+            _log.info("listening for DNS on {endpoint} (UDP and TCP)", endpoint=str(endpoint))
+
+    def udp_sockets(self) -> list[socket.socket]:
+        """The UDP listeners' sockets (blockd.kernel_blocks filters them)."""
+        return list(self._udp_sockets) if self.running else []
 
     def _open(self, result: object) -> object:
         if self.running:
@@ -120,6 +144,7 @@ class DNSService(service.Service):
     def stopService(self) -> defer.Deferred[list[None]]:  # noqa: N802 (Twisted API)
         super().stopService()
         ports, self.ports = self.ports, []
+        self._udp_sockets = []
         # maybeDeferred makes a Deferred of None from either result of stopListening (a Deferred of
         # None, or None); its overloads type that as a Deferred of the union.
         stopping = [cast("defer.Deferred[None]", defer.maybeDeferred(p.stopListening)) for p in ports]

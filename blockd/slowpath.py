@@ -54,7 +54,10 @@ def parse_query_slow(data: bytes) -> SlowQuery:
         raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, f"unparsable: {exc}") from None
     question = record.q
     buffer = DNSBuffer()
-    buffer.encode_name_nocompress(question.qname)
+    try:
+        buffer.encode_name_nocompress(question.qname)
+    except (DNSLabelError, DNSError, UnicodeError) as exc:  # e.g. a label dnslib read as longer than 63
+        raise HeaderOnlyError(query_id, flags, wire.RCODE_FORMERR, f"unusable name: {exc}") from None
     buffer.pack("!HH", question.qtype, question.qclass)
     query = SlowQuery(record)
     query.raw = data

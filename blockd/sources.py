@@ -7,17 +7,19 @@ PolicyZone the daemon holds (the last good copy from the state directory at star
 applied transfer).
 Every source becomes a DomainList: subtree entries (plain lists), exact entries (match = "exact",
 RPZ "name"), below-only entries (RPZ "*.name"), and for RPZ its zone, whose rules say each
-trigger's action.  Pure: reads files, no sockets, no clock.
+trigger's action.  Files are read once each (format detection included) through
+blockd.bounded_read: only regular files, within [lists.X] max_bytes and max_line_bytes.
+Pure: reads files, no sockets, no clock.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 
+from blockd.bounded_read import FileRefused, ReadLimits, open_text
 from blockd.config import ListConfig
-from blockd.lists import DomainList, LineError, ListLoadError, file_signature, load_list
+from blockd.lists import DomainList, LineError, ListLoadError, file_signature, parse_lines, read_error
 from blockd.rpz import PolicyZone, looks_like_zone_file, parse_zone_file
 
 _HEAD_LINES = 50
@@ -42,16 +44,43 @@ def load_source(
             zone = previous.zone  # a reload keeps the content the last transfer brought
         return zone_list(config.name, f"zone {config.zone}", zone)
     assert config.path is not None  # config.py: a list has a path or a zone
-    path = config.path
-    list_format = config.format or _detect_format(path)
-    if list_format == "rpz":
-        return _load_zone_file(config, path, previous)
-    if config.action == "zone":
-        raise ListLoadError([LineError(str(path), 0, "action = 'zone' needs an RPZ zone file, and this is a list")])
-    loaded = load_list(config.name, path, previous=previous if previous is None or not previous.rpz else None)
+    shown = str(config.path)
+    # One open for the format's detection and the parse: a file replaced in between is never half read.
+    try:
+        with open_text(config.path, read_limits(config)) as handle:
+            signature = file_signature(handle.fileno())
+            if previous is not None and _unchanged(config, previous, shown, signature):
+                return previous
+            head = [line for _, line in zip(range(_HEAD_LINES), handle, strict=False)]
+            list_format = config.format or ("rpz" if looks_like_zone_file(head) else "list")
+            lines = itertools.chain(head, handle)
+            if list_format == "rpz":
+                return _parse_zone_file(config, shown, head, lines, signature)
+            if config.action == "zone":
+                raise ListLoadError([LineError(shown, 0, "action = 'zone' needs an RPZ zone file, and this is a list")])
+            domains, errors = parse_lines(lines, shown)
+    except (OSError, FileRefused) as exc:
+        raise read_error(shown, exc, "zone file" if config.format == "rpz" else "list") from None
+    if errors:
+        raise ListLoadError(errors)
     if config.match == "exact":
-        return DomainList(loaded.name, loaded.path, frozenset(), loaded.signature, exact=loaded.domains)
-    return loaded
+        return DomainList(config.name, shown, frozenset(), signature, exact=domains)
+    return DomainList(config.name, shown, domains, signature)
+
+
+def read_limits(config: ListConfig) -> ReadLimits:
+    return ReadLimits(max_bytes=config.max_bytes, max_line_bytes=config.max_line_bytes)
+
+
+def _unchanged(config: ListConfig, previous: DomainList, shown: str, signature: tuple[int, ...]) -> bool:
+    """The file is the one `previous` was read from, and the config reads it the same way."""
+    if previous.signature != signature or previous.path != shown:
+        return False
+    if previous.rpz:
+        return config.format != "list"
+    # An empty list reads the same either way; otherwise its entries sit where its match put them.
+    same_match = not previous.domains if config.match == "exact" else not previous.exact
+    return config.format != "rpz" and config.action != "zone" and same_match
 
 
 # The origin of an RPZ file that names none: published feeds leave it to the server's zone
@@ -59,18 +88,11 @@ def load_source(
 IMPLIED_ORIGIN = "rpz.invalid"
 
 
-def _load_zone_file(config: ListConfig, path: Path, previous: DomainList | None) -> DomainList:
-    shown = str(path)
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            signature = file_signature(handle.fileno())
-            if previous is not None and previous.signature == signature and previous.path == shown and previous.rpz:
-                return previous
-            head = [line for _, line in zip(range(_HEAD_LINES), handle, strict=False)]
-            origin = IMPLIED_ORIGIN if _names_no_origin(head) else None
-            zone, errors = parse_zone_file(itertools.chain(head, handle), shown, origin)
-    except OSError as exc:
-        raise ListLoadError([LineError(shown, 0, f"cannot read zone file: {exc.strerror or exc}")]) from None
+def _parse_zone_file(
+    config: ListConfig, shown: str, head: list[str], lines: Iterable[str], signature: tuple[int, ...]
+) -> DomainList:
+    origin = IMPLIED_ORIGIN if _names_no_origin(head) else None
+    zone, errors = parse_zone_file(lines, shown, origin)
     if errors or zone is None:
         raise ListLoadError(errors or [LineError(shown, 0, "no zone")])
     return zone_list(config.name, shown, zone, signature)
@@ -88,13 +110,3 @@ def _names_no_origin(head: list[str]) -> bool:
             continue
         return fields[0] == "@" or not fields[0].endswith(".")
     return True
-
-
-def _detect_format(path: Path) -> str:
-    """ "rpz" when the file starts like a zone file ($ORIGIN or an SOA record), else "list"."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            head = [line for _, line in zip(range(_HEAD_LINES), handle, strict=False)]
-    except OSError:
-        return "list"  # the list loader reports the unreadable file
-    return "rpz" if looks_like_zone_file(head) else "list"

@@ -26,6 +26,8 @@ import dns.exception
 import dns.name
 import dns.tsig
 
+from blockd.bounded_read import FileRefused, ReadLimits, read_bytes
+from blockd.excerpt import excerpt
 from blockd.lists import LineError
 
 ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512")
@@ -160,7 +162,7 @@ class _Parser:
             if token.kind == "word" and token.text.lower() == "key":
                 self._key(token.line)
             else:
-                self._error(token.line, f"unexpected {token.text!r}: a key file holds only key statements")
+                self._error(token.line, f"unexpected {excerpt(token.text)}: a key file holds only key statements")
                 self._skip_statement()
         return self.keys
 
@@ -183,7 +185,7 @@ class _Parser:
             return
         name = _key_name(name_token.text)
         if name is None:
-            self._error(name_token.line, f"invalid key name {name_token.text!r}")
+            self._error(name_token.line, f"invalid key name {excerpt(name_token.text)}")
         opening = self._next()
         if opening is None or opening.kind != "{":
             self._error(name_token.line, "expected '{' after the key name")
@@ -212,7 +214,7 @@ class _Parser:
             if token.kind == "}":
                 return clauses
             if token.kind != "word":
-                self._error(token.line, f"unexpected {token.text!r} in a key statement")
+                self._error(token.line, f"unexpected {excerpt(token.text)} in a key statement")
                 continue
             self._clause(token, clauses)
 
@@ -228,9 +230,9 @@ class _Parser:
         if end is not None and end.kind == ";":
             self.at += 1
         else:
-            self._error(value.line, f"expected ';' after {name} {value.text!r}")
+            self._error(value.line, f"expected ';' after {name} {excerpt(value.text)}")
         if name not in ("algorithm", "secret"):
-            self._error(keyword.line, f"unknown clause {name!r} (a key has only algorithm and secret)")
+            self._error(keyword.line, f"unknown clause {excerpt(name)} (a key has only algorithm and secret)")
         elif name in clauses:
             self._error(keyword.line, f"{name} given twice (first on line {clauses[name].line})")
         else:
@@ -276,7 +278,7 @@ def _algorithm(text: str) -> tuple[str, str]:
         return "", name
     if name in _REFUSED:
         return f"algorithm {text}: {_REFUSED[name]}; {_ADVICE}", name
-    return f"algorithm {text!r} is not supported; {_ADVICE}", name
+    return f"algorithm {excerpt(text)} is not supported; {_ADVICE}", name
 
 
 def _secret(text: str) -> tuple[bytes, str]:
@@ -319,11 +321,18 @@ def parse_key_file(text: str, path: str) -> TsigKey:
     return keys[0][0]
 
 
+# A key file holds one short key statement: anything much larger is not one.
+KEY_FILE_LIMITS = ReadLimits(max_bytes=65536, max_line_bytes=4096)
+
+
 def load_key_file(path: str | Path) -> TsigKey:
-    """Read and parse a key file; raises KeyFileError (unreadable files included)."""
+    """Read and parse a key file; raises KeyFileError (unreadable files included).  Only a
+    regular file within KEY_FILE_LIMITS is read (blockd.bounded_read)."""
     shown = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_bytes(path, KEY_FILE_LIMITS).decode("utf-8")
+    except FileRefused as exc:
+        raise KeyFileError([LineError(shown, exc.line, f"cannot read the key file: {exc.message}")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise KeyFileError([LineError(shown, 0, f"cannot read the key file: {reason}")]) from None

@@ -41,6 +41,7 @@ RCODE_REFUSED = 5
 
 EDNS_OPTION_ECS = 8
 EDNS_OPTION_EDE = 15
+EDE_OTHER = 0
 EDE_BLOCKED = 15
 EDE_PROHIBITED = 18
 EDE_NO_REACHABLE_AUTHORITY = 22
@@ -374,6 +375,51 @@ def error_response(query: Query, rcode: int, ede_code: int | None = None, ede_te
 def header_only_response(query_id: int, query_flags: int, rcode: int) -> bytes:
     """FORMERR, NOTIMP: not an answer from the resolver, so RA clear (as BIND 9.18 and Unbound 1.17)."""
     return _HEADER.pack(query_id, _response_flags(query_flags, rcode) & ~FLAG_RA, 0, 0, 0, 0)
+
+
+def question_end(data: bytes) -> int:
+    """Where the first question of a raw query ends (after its type and class), or -1."""
+    pos = 12
+    try:
+        while True:
+            length = data[pos]
+            if length == 0:
+                end = pos + 5
+                return end if end <= len(data) else -1
+            if length > 63:  # compression or an extended label type: not in a query's question
+                return -1
+            pos += 1 + length
+    except IndexError:
+        return -1
+
+
+def raw_response(data: bytes, rcode: int, flags: int = 0) -> bytes | None:
+    """A question-only answer built from a query's raw bytes, for when it was never parsed
+    (a rate-limited query's TC=1, an internal error's SERVFAIL): None for a packet that must not
+    be answered; FORMERR without the question when none can be found."""
+    if len(data) < 12:
+        return None
+    query_id, query_flags, qdcount = struct.unpack_from("!HHH", data)
+    if query_flags & FLAG_QR:
+        return None
+    end = question_end(data) if qdcount == 1 else -1
+    if end < 0:
+        return header_only_response(query_id, query_flags, RCODE_FORMERR)
+    return _HEADER.pack(query_id, _response_flags(query_flags, rcode) | flags, 1, 0, 0, 0) + data[12:end]
+
+
+TYPE_HINFO = 13
+RFC8482_TTL = 3600
+
+
+def minimal_any_response(query: Query) -> bytes:
+    """RFC 8482 4.2: ANY over UDP answered with one synthesized HINFO ("RFC8482", ""): small,
+    so ANY cannot be used to amplify, while a client that really wants everything asks over TCP."""
+    rdata = b"\x07RFC8482\x00"
+    record = b"\xc0\x0c" + _RR_TAIL.pack(TYPE_HINFO, query.qclass, RFC8482_TTL, len(rdata)) + rdata
+    opt = opt_record(query.dnssec_ok) if query.edns else b""
+    header = _HEADER.pack(query.id, _response_flags(query.flags, RCODE_NOERROR), 1, 1, 0, 1 if opt else 0)
+    return header + query.question + record + opt
 
 
 CLASS_CH = 3

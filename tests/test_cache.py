@@ -593,3 +593,46 @@ def test_entry_info_is_the_analysis() -> None:
     assert entry.info is info
     assert entry.ttl_fields == info.ttl_fields
     assert entry.answer == answer  # no clamp applied: the very same bytes
+
+
+def test_serve_stale_keeps_expired_entries_for_stale_max_and_answers_them_with_stale_ttl() -> None:
+    cache = AnswerCache(serve_stale=True, stale_max=100, stale_ttl=30)
+    store(cache, "stale.example", ttl=10, now=0.0)
+    k = key("stale.example")
+    assert cache.stale(k, 5.0) is None, "a live entry is not stale"
+    assert cache.get(k, 20.0) is None and len(cache) == 1, "expired, but kept for serve-stale"
+    stale = cache.stale(k, 20.0)
+    assert stale is not None and stale.expires == 50.0
+    assert all(ttl == 30 for _, ttl in stale.ttl_fields) and ttls(stale.answer) == [30]
+    assert cache.stale_answers == 1
+    assert cache.stale(k, 111.0) is None, "past stale_max"
+    assert cache.get(k, 111.0) is None and len(cache) == 0
+
+
+def test_without_serve_stale_expired_entries_go() -> None:
+    cache = AnswerCache()
+    store(cache, "gone.example", ttl=10, now=0.0)
+    k = key("gone.example")
+    assert cache.get(k, 20.0) is None and len(cache) == 0
+    assert cache.stale(k, 20.0) is None
+
+
+def test_the_cache_is_bounded_in_estimated_bytes_too() -> None:
+    cache = AnswerCache(size=1_000_000, max_bytes=50_000)
+    for n in range(200):
+        store(cache, f"n{n}.example", ttl=300, now=0.0)
+        assert cache.bytes <= 50_000
+    assert 0 < len(cache) < 200 and cache.evictions == 200 - len(cache)
+    assert cache.get(key("n199.example"), 1.0) is not None, "the newest entries are kept"
+    held = cache.bytes
+    cache.max_bytes = held // 2  # a reload shrinking it trims at once
+    assert cache.bytes <= held // 2
+    cache.clear()
+    assert cache.bytes == 0
+
+
+def test_replacing_an_entry_keeps_the_byte_count_exact() -> None:
+    cache = AnswerCache()
+    for _ in range(5):
+        entry = store(cache, "same.example", ttl=300, now=0.0)
+    assert len(cache) == 1 and cache.bytes == entry.cost > 0

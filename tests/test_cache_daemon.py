@@ -7,11 +7,13 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import pytest
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 from tests.daemon import GOV, OTHER
@@ -59,14 +61,15 @@ def cache_samples(daemon) -> tuple[float, float, float]:
     )
 
 
-def negative(rcode: int, minimum: int = 60, soa_ttl: int = 600):
+def negative(rcode: int, zone: str, minimum: int = 60, soa_ttl: int = 600):
+    """A negative answer with the SOA of `zone`, which must contain the question (else blockd's
+    scrubber rightly removes the SOA as out of bailiwick, and the answer is not cacheable)."""
+
     def respond(request: DNSRecord, transport: str) -> DNSRecord:
         reply = request.reply()
         reply.header.rcode = rcode
         times = (2024010101, 7200, 900, 1209600, minimum)
-        reply.add_auth(
-            RR("neg.example", QTYPE.SOA, rdata=SOA("ns1.neg.example", "host.neg.example", times), ttl=soa_ttl)
-        )
+        reply.add_auth(RR(zone, QTYPE.SOA, rdata=SOA(f"ns1.{zone}", f"host.{zone}", times), ttl=soa_ttl))
         return reply
 
     return respond
@@ -103,8 +106,8 @@ def test_repeated_query_is_answered_from_cache(make_daemon, upstream) -> None:
 
 
 def test_negative_answers_are_cached(make_daemon, upstream) -> None:
-    upstream.responders["nx.example"] = negative(RCODE.NXDOMAIN)
-    upstream.responders["nodata.example"] = negative(RCODE.NOERROR)
+    upstream.responders["nx.example"] = negative(RCODE.NXDOMAIN, zone="nx.example")
+    upstream.responders["nodata.example"] = negative(RCODE.NOERROR, zone="nodata.example")
     daemon = make_daemon()
     for name, rcode in (("gone.nx.example", "NXDOMAIN"), ("empty.nodata.example", "NOERROR")):
         first, _, _ = ask(daemon, name, "AAAA")
@@ -216,7 +219,7 @@ def test_cache_size_zero_disables(make_daemon, upstream) -> None:
         assert message.id == number
         assert [address for address, _ in a_records(message)] == ["192.0.2.1"]
         assert asked(upstream, "nocache.example") == number
-    upstream.responders["nx.example"] = negative(RCODE.NXDOMAIN)
+    upstream.responders["nx.example"] = negative(RCODE.NXDOMAIN, zone="nx.example")
     ask(daemon, "gone.nx.example")
     ask(daemon, "gone.nx.example")
     assert asked(upstream, "gone.nx.example") == 2
@@ -224,3 +227,36 @@ def test_cache_size_zero_disables(make_daemon, upstream) -> None:
     assert hits == 0
     assert entries == 0
     assert requests == 5
+
+
+def _answers_once(address: str) -> Callable[[DNSRecord, str], DNSRecord | None]:
+    """An upstream that answers a name once (TTL 1), and never again: it went away."""
+    answered: list[bool] = []
+
+    def respond(request: DNSRecord, transport: str) -> DNSRecord | None:
+        if answered:
+            return None
+        answered.append(True)
+        reply = request.reply()
+        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=1))
+        return reply
+
+    return respond
+
+
+@pytest.mark.parametrize("serve_stale", [True, False])
+def test_serve_stale_answers_an_expired_entry_when_no_upstream_answers(make_daemon, upstream, serve_stale) -> None:
+    upstream.responders["stale.example"] = _answers_once("192.0.2.77")
+    daemon = make_daemon(
+        extra=f"[cache]\nserve_stale = {'true' if serve_stale else 'false'}\nstale_ttl = 30\n", timeout=0.5
+    )
+    first = daemon.query("stale.example", "A", source=OTHER)
+    assert first.answer[0].ttl == 1
+    time.sleep(1.5)  # expired
+    again = daemon.query("stale.example", "A", source=OTHER)
+    if not serve_stale:
+        assert dns.rcode.to_text(again.rcode()) == "SERVFAIL"
+        return
+    assert [r.to_text() for r in again.answer[0]] == ["192.0.2.77"]
+    assert again.answer[0].ttl == 30
+    assert scrape(daemon)[("blockd_cache_stale_answers_total", ())] == 1

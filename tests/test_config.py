@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+import blockd.config as config_module
 from blockd.config import (
     DEFAULT_ALLOW,
     EMBEDDED_NAME,
@@ -44,11 +45,12 @@ RESOLV = "<resolv.conf>"
 LOCAL_RESOLV = "nameserver 127.0.0.1\n"
 
 SOCKET_FORMS = 'expected "unix:/path/to.sock" or "tcp:address:port"'
-SECTIONS = "server, upstream, metrics, log, cache, lists, groups, egress, dnstap"
+SECTIONS = "server, upstream, metrics, log, cache, lists, groups, egress, dnstap, limits"
 SERVER_KEYS = (
     "listen, allow, pidfile, tcp_idle_timeout, tcp_max_connections, trusted_forwarders, state_dir, "
-    "nsid, version, identity"
+    "nsid, version, identity, user, group"
 )
+CACHE_KEYS = "size, max_bytes, min_ttl, max_ttl, serve_stale, stale_max, stale_ttl"
 EGRESS_KEYS = (
     "enabled, table, rule_priority, route_protocol, prefixes, learn, learn_min_ttl, learn_max, never, on_exit, "
     "reconcile_interval"
@@ -187,11 +189,11 @@ CASES = [
     err(
         "upstream-unknown-key",
         "upstream.server = []",
-        "upstream.server: unknown key (known: servers, timeout, forward_ecs)",
+        "upstream.server: unknown key (known: servers, timeout, forward_ecs, strategy)",
     ),
     err("metrics-unknown-key", "metrics.enabled = false", "metrics.enabled: unknown key (known: listen)"),
     err("log-unknown-key", 'log.file = "q.log"', "log.file: unknown key (known: queries, path, client_ip)"),
-    err("cache-unknown-key", "cache.ttl = 60", "cache.ttl: unknown key (known: size, min_ttl, max_ttl)"),
+    err("cache-unknown-key", "cache.ttl = 60", f"cache.ttl: unknown key (known: {CACHE_KEYS})"),
     err("egress-unknown-key", "egress.enable = true", f"egress.enable: unknown key (known: {EGRESS_KEYS})"),
     # -- value types and ranges ------------------------------------------------------------------
     err("string-wrong-type", "server.pidfile = 1", "server.pidfile: must be a string, not an integer"),
@@ -227,6 +229,12 @@ CASES = [
     err("boolean-string", 'upstream.forward_ecs = "true"', "upstream.forward_ecs: must be true or false, not a string"),
     err("boolean-integer", "upstream.forward_ecs = 1", "upstream.forward_ecs: must be true or false, not an integer"),
     ok("boolean", "upstream.forward_ecs = true", "upstream.forward_ecs", True),
+    ok("upstream-strategy", 'upstream.strategy = "parallel"', "upstream.strategy", "parallel"),
+    err(
+        "upstream-strategy-unknown",
+        'upstream.strategy = "random"',
+        "upstream.strategy: 'random' is not one of ordered, fastest, parallel",
+    ),
     err(
         "list-not-a-list",
         'server.trusted_forwarders = "10.0.0.0/8"',
@@ -704,12 +712,14 @@ CASES = [
     err(
         "list-unknown-key",
         'lists.x = {path = "x.txt", url = "https://x"}',
-        "lists.x.url: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig)",
+        "lists.x.url: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig, "
+        "max_bytes, max_line_bytes)",
     ),
     err(
         "list-unknown-key-and-missing-path",
         'lists.x = {file = "x.txt"}',
-        "lists.x.file: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig)",
+        "lists.x.file: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig, "
+        "max_bytes, max_line_bytes)",
         "lists.x.path: set exactly one of path (a list file) or zone (an RPZ zone from primaries)",
     ),
     err(
@@ -1041,7 +1051,7 @@ def test_file_paths_are_relative_to_the_file_and_errors_name_it(tmp_path: Path) 
     ("content", "reason"),
     [
         pytest.param(None, "No such file or directory", id="missing"),
-        pytest.param("directory", "Is a directory", id="directory"),
+        pytest.param("directory", "not a regular file (directory)", id="directory"),
         pytest.param(b"[log]\n#\xff\n", NOT_UTF8_REASON, id="not-utf8"),
         pytest.param(b"\xef\xbb\xbf[log]\n", None, id="utf8-bom-is-invalid-toml"),
     ],
@@ -1061,10 +1071,10 @@ def test_unreadable_config(tmp_path: Path, content: bytes | str | None, reason: 
 
 
 def test_unreadable_config_without_strerror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(self: Path, *args: Any, **kwargs: Any) -> str:
+    def fail(*args: Any, **kwargs: Any) -> bytes:
         raise OSError("stale handle")
 
-    monkeypatch.setattr(Path, "read_text", fail)
+    monkeypatch.setattr(config_module, "read_bytes", fail)
     path = tmp_path / "blockd.toml"
     with pytest.raises(ConfigError) as raised:
         load_config(path, resolv_conf=tmp_path / "resolv.conf")

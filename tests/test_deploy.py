@@ -85,7 +85,7 @@ ALLOWED_METRICS = frozenset(
 class _Counts:
     """Stands in for the answer cache and the learned addresses: every counter the collectors read, at 0."""
 
-    requests = hits = evictions = 0
+    requests = hits = evictions = stale_answers = bytes = 0
     learned_total = expired_total = evicted_total = never_skipped_total = special_skipped_total = 0
 
     def __len__(self) -> int:
@@ -368,7 +368,8 @@ def unit_settings() -> dict[str, list[str]]:
 
 def test_systemd_unit_commands() -> None:
     settings = unit_settings()
-    assert settings["Type"] == ["simple"]
+    assert settings["Type"] == ["notify"]  # READY=1 from blockd (blockd.sd_notify)
+    assert settings["NotifyAccess"] == ["main"]
     (start,) = settings["ExecStart"]
     assert start.split()[1:] == ["run", "--config", "/etc/blockd/blockd.toml"]
     (pre,) = settings["ExecStartPre"]
@@ -395,6 +396,9 @@ def test_systemd_unit_hardening() -> None:
         "SystemCallFilter": "@system-service",
         "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX AF_NETLINK",
         "Restart": "on-failure",
+        "WatchdogSec": "30s",
+        "MemoryMax": "1G",
+        "TasksMax": "64",
         "LimitNOFILE": "65536",
     }
     for key, value in expected.items():
@@ -404,6 +408,16 @@ def test_systemd_unit_hardening() -> None:
     assert "CAP_NET_ADMIN" not in " ".join(v for values in settings.values() for v in values)
     assert re.search(r"^#.*CapabilityBoundingSet=.*CAP_NET_ADMIN", text, flags=re.M)
     assert "[egress] enabled = true" in text
+
+
+def test_systemd_unit_limits_are_the_documented_ones() -> None:
+    """README's Deployment section gives the measurements behind each limit: it must name the unit's values."""
+    readme = (REPO / "README.md").read_text()
+    deployment = readme[readme.index("## Deployment") :]
+    settings = unit_settings()
+    for key in ("WatchdogSec", "MemoryMax", "TasksMax", "LimitNOFILE"):
+        (value,) = settings[key]
+        assert f"`{key}={value}`" in deployment, f"README's Deployment section does not document {key}={value}"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not on PATH")

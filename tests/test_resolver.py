@@ -117,6 +117,12 @@ class RecordingObserver:
     def unreadable(self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int) -> None:
         self.lines.append((client, group.name if group else None, key or "", "error", rcode, False))
 
+    def sampled(
+        self, client: str, group: Group | None, query: Query | None, action: str, rcode: int, suppressed: int
+    ) -> None:
+        key = query.key if query is not None else ""
+        self.lines.append((client, group.name if group else None, key, None, rcode, action == "denied"))
+
 
 class RecordingTap:
     """A WireTap (dnstap) that keeps what it is told; its clock is the test's."""

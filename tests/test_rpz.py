@@ -602,8 +602,9 @@ def test_long_names_are_refused() -> None:
     fits = ".".join(["a" * 60] * 3 + ["b" * 58])  # 241 characters: 255 octets with ".rpz.example."
     assert zone_of(f"{fits} CNAME .\n*.{fits[2:]} CNAME .\n").exact == {fits: NXDOMAIN_RULE}
     name = fits + "b"
-    assert errors_of(f"{name} CNAME .\n") == [f"z.rpz:4: name longer than 255 octets: {name!r}"]
-    assert errors_of(f"*.{name[1:]} CNAME .\n") == [f"z.rpz:4: name longer than 255 octets: {'*.' + name[1:]!r}"]
+    assert errors_of(f"{name} CNAME .\n") == [f"z.rpz:4: name longer than 255 octets: {name[:100]!r}…"]
+    below = "*." + name[1:]
+    assert errors_of(f"{below} CNAME .\n") == [f"z.rpz:4: name longer than 255 octets: {below[:100]!r}…"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 The resolver is a hand-written fake whose answer depends on the query bytes:
   b"defer..."  a Deferred the test fires        b"drop..."  None (no answer)
   b"boom..."   raises                            anything else: b"A:" + query, at once
+A raised or failed query gets the fake's `failed` answer, b"FAILED:" + query (the real one is
+SERVFAIL: tests/test_query_errors.py).
 """
 
 from __future__ import annotations
@@ -16,18 +18,24 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransportWithDisconnection
 
-from blockd.server import DNSDatagramProtocol, DNSStreamFactory, DNSStreamProtocol
+from blockd.limits import ClientLimits, Kind, KindLimits, LimitSettings
+from blockd.server import DNSDatagramProtocol, DNSStreamFactory, DNSStreamProtocol, StreamSettings
 
 IDLE = 10.0
+MESSAGE_TIMEOUT = 3.0
 PEER = "192.0.2.7"
 
 
 class FakeMetrics:
     def __init__(self) -> None:
         self.drops: list[str] = []
+        self.limited: list[str] = []
 
     def count_drop(self, reason: str) -> None:
         self.drops.append(reason)
+
+    def count_limited(self, reason: str) -> None:
+        self.limited.append(reason)
 
 
 class FakeResolver:
@@ -35,6 +43,8 @@ class FakeResolver:
         self.metrics = FakeMetrics()
         self.calls: list[tuple[bytes, str, str]] = []
         self.deferreds: dict[bytes, defer.Deferred[bytes | None]] = {}
+        self.failures: list[tuple[bytes, str]] = []
+        self.clock: task.Clock | None = None  # the limits' clock (the test's)
 
     def handle(
         self, data: bytes, client: str, transport: str, port: int = 0
@@ -49,6 +59,13 @@ class FakeResolver:
             self.deferreds[data] = deferred
             return deferred
         return answer_for(data)
+
+    def failed(self, data: bytes, client: str, exc: BaseException) -> bytes | None:
+        self.failures.append((data, type(exc).__name__))
+        return b"FAILED:" + data
+
+    def client_kind(self, client: str) -> Kind:
+        return Kind.CLIENT
 
 
 def answer_for(query: bytes) -> bytes:
@@ -105,7 +122,8 @@ def clock() -> task.Clock:
 
 @pytest.fixture
 def factory(resolver: FakeResolver, clock: task.Clock) -> DNSStreamFactory:
-    return DNSStreamFactory(resolver, idle_timeout=IDLE, max_connections=3, clock=clock)  # type: ignore[arg-type]
+    settings = StreamSettings(idle_timeout=IDLE, max_connections=3, message_timeout=MESSAGE_TIMEOUT)
+    return DNSStreamFactory(resolver, settings, clock=clock)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -161,25 +179,26 @@ def test_deferred_answers_are_written_when_they_fire_in_any_order(conn: Connecti
     assert conn.open
 
 
-def test_no_answer_and_failed_answers_write_nothing_and_keep_the_connection(
+def test_no_answer_writes_nothing_and_a_failed_answer_is_answered_as_failed(
     conn: Connection, resolver: FakeResolver
 ) -> None:
     conn.send(frame(b"drop-me") + frame(b"defer-none") + frame(b"defer-fail"))
     resolver.deferreds[b"defer-none"].callback(None)
     resolver.deferreds[b"defer-fail"].errback(RuntimeError("upstream client bug"))
-    assert conn.transport.value() == b""
+    assert conn.answers() == [b"FAILED:defer-fail"]
+    assert resolver.failures == [(b"defer-fail", "RuntimeError")]
     assert conn.protocol.pending == 0
     conn.send(frame(b"after"))
-    assert conn.answers() == [b"A:after"]
+    assert conn.answers() == [b"FAILED:defer-fail", b"A:after"]
     assert conn.open
 
 
-def test_a_handler_exception_does_not_kill_the_connection(conn: Connection) -> None:
+def test_a_handler_exception_is_answered_and_does_not_kill_the_connection(conn: Connection) -> None:
     conn.send(frame(b"boom") + frame(b"next"))
-    assert conn.answers() == [b"A:next"]
+    assert conn.answers() == [b"FAILED:boom", b"A:next"]
     conn.send(frame(b"boom again"))
     conn.send(frame(b"later"))
-    assert conn.answers() == [b"A:next", b"A:later"]
+    assert conn.answers() == [b"FAILED:boom", b"A:next", b"FAILED:boom again", b"A:later"]
     assert conn.open
 
 
@@ -250,22 +269,51 @@ def test_after_a_pending_query_completes_the_connection_closes_after_the_idle_ti
     assert factory.connections == 0
 
 
-def test_connections_beyond_max_connections_are_aborted(factory: DNSStreamFactory, clock: task.Clock) -> None:
-    kept = [Connection(factory) for _ in range(factory.max_connections)]
+def test_at_the_cap_the_longest_idle_connection_makes_room(
+    factory: DNSStreamFactory, clock: task.Clock, resolver: FakeResolver
+) -> None:
+    first, second, third = (Connection(factory) for _ in range(3))
+    first.send(frame(b"defer-busy"))  # not idle: a query is being answered
+    clock.advance(1)
+    third.send(frame(b"q"))  # active more recently than second
+    newcomer = Connection(factory)
+    assert newcomer.open and not newcomer.transport.disconnected
+    assert second.transport.disconnected, "the longest-idle connection was not the one closed"
+    assert first.open and third.open
+    assert resolver.metrics.limited == ["tcp_evicted"]
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_is_refused(
+    factory: DNSStreamFactory, resolver: FakeResolver
+) -> None:
+    busy = [Connection(factory) for _ in range(3)]
+    for n, connection in enumerate(busy):
+        connection.send(frame(b"defer-%d" % n))
     extra = Connection(factory)
-    assert extra.transport.disconnected, "the connection over the limit was not aborted"
-    assert all(c.open and not c.transport.disconnected for c in kept)
-    assert factory.connections == factory.max_connections
-    assert len(clock.getDelayedCalls()) == factory.max_connections  # no idle timer for the aborted one
-
-    kept[0].transport.loseConnection()
-    again = Connection(factory)
-    assert again.open and not again.transport.disconnected
-    assert factory.connections == factory.max_connections
+    assert extra.transport.disconnected
+    assert all(c.open and not c.transport.disconnected for c in busy)
+    assert factory.connections == 3
+    assert resolver.metrics.limited == ["tcp_full"]
 
 
-def test_many_pending_queries_pause_reading_until_answers_go_out(conn: Connection, resolver: FakeResolver) -> None:
-    conn.protocol.max_pending = 2
+def test_a_client_over_its_own_connection_cap_is_refused_while_others_connect(
+    resolver: FakeResolver, clock: task.Clock
+) -> None:
+    limits = ClientLimits(LimitSettings(client=KindLimits(qps=0, burst=1, upstream_in_flight=0, tcp_connections=2)))
+    factory = DNSStreamFactory(resolver, StreamSettings(max_connections=100), limits, clock=clock)  # type: ignore[arg-type]
+    mine = [Connection(factory) for _ in range(3)]
+    assert [c.transport.disconnected for c in mine] == [False, False, True]
+    other = Connection(factory, peer="192.0.2.99")
+    assert not other.transport.disconnected
+    assert resolver.metrics.limited == ["tcp_connections"]
+    mine[0].transport.loseConnection()
+    assert not Connection(factory).transport.disconnected, "a closed connection's slot was not given back"
+
+
+def test_many_pending_queries_pause_reading_until_answers_go_out(
+    conn: Connection, resolver: FakeResolver, factory: DNSStreamFactory
+) -> None:
+    factory.settings = StreamSettings(max_pending=2)
     conn.send(frame(b"defer-1"))
     assert conn.transport.producerState == "producing"
     conn.send(frame(b"defer-2"))
@@ -273,6 +321,106 @@ def test_many_pending_queries_pause_reading_until_answers_go_out(conn: Connectio
     resolver.deferreds[b"defer-1"].callback(b"one")
     assert conn.transport.producerState == "producing"
     assert conn.answers() == [b"one"]
+
+
+def test_pipelined_queries_beyond_the_bound_wait_unread(
+    conn: Connection, resolver: FakeResolver, factory: DNSStreamFactory
+) -> None:
+    factory.settings = StreamSettings(max_pending=4)
+    conn.send(b"".join(frame(b"defer-%d" % n) for n in range(10)))
+    assert len(resolver.calls) == 4, "more queries taken on than the pipelining bound"
+    assert conn.transport.producerState == "paused"
+    resolver.deferreds[b"defer-0"].callback(b"zero")
+    assert len(resolver.calls) == 5
+    for n in range(1, 10):
+        resolver.deferreds[b"defer-%d" % n].callback(b"a%d" % n)
+    assert len(conn.answers()) == 10
+    assert conn.transport.producerState == "producing"
+
+
+def test_one_connection_answers_a_batch_per_reactor_turn(
+    conn: Connection, resolver: FakeResolver, factory: DNSStreamFactory, clock: task.Clock
+) -> None:
+    factory.settings = StreamSettings(batch=8)
+    conn.send(b"".join(frame(b"q%d" % n) for n in range(20)))
+    assert len(conn.answers()) == 8, "more than one batch answered in one reactor turn"
+    assert conn.transport.producerState == "paused"
+    clock.advance(0)  # later turns (task.Clock runs the re-scheduled batches in one advance)
+    assert len(conn.answers()) == 20
+    assert conn.transport.producerState == "producing"
+
+
+def test_the_idle_timer_counts_from_the_last_complete_message_not_the_last_byte(
+    conn: Connection, clock: task.Clock, resolver: FakeResolver
+) -> None:
+    partial = frame(b"slow-query")
+    for byte in range(2):  # one byte a second, never a whole message
+        conn.send(partial[byte : byte + 1])
+        clock.advance(1)
+    assert conn.open
+    conn.send(partial[2:3])
+    clock.advance(MESSAGE_TIMEOUT - 2)
+    assert conn.transport.disconnected, "a message trickled in for longer than its deadline"
+    assert resolver.metrics.limited == ["tcp_message_timeout"]
+    assert resolver.calls == []
+
+
+def test_a_message_completed_within_its_deadline_is_answered(conn: Connection, clock: task.Clock) -> None:
+    whole = frame(b"slow-but-ok")
+    conn.send(whole[:3])
+    clock.advance(MESSAGE_TIMEOUT - 0.5)
+    conn.send(whole[3:])
+    clock.advance(1)
+    assert conn.open
+    assert conn.answers() == [b"A:slow-but-ok"]
+
+
+def test_a_zero_length_frame_ends_the_connection(conn: Connection, resolver: FakeResolver) -> None:
+    conn.send(frame(b"first") + frame(b"") + frame(b"after"))
+    assert conn.answers() == [b"A:first"]
+    assert conn.transport.disconnected
+    assert resolver.metrics.limited == ["tcp_empty_frame"]
+
+
+def test_a_client_that_does_not_read_is_not_read_and_then_closed(
+    conn: Connection, resolver: FakeResolver, factory: DNSStreamFactory
+) -> None:
+    factory.settings = StreamSettings(write_buffer=1000)
+    conn.send(frame(b"defer-a") + frame(b"defer-b"))
+    conn.protocol.pauseProducing()  # what the transport does when its write buffer is full
+    assert conn.transport.producerState == "paused"
+    conn.send(frame(b"q-while-stalled"))  # already in flight from the kernel: kept, not answered
+    assert len(resolver.calls) == 2
+    resolver.deferreds[b"defer-a"].callback(b"x" * 600)
+    assert conn.open
+    resolver.deferreds[b"defer-b"].callback(b"y" * 600)
+    assert conn.transport.disconnected, "answers piled up for a client that does not read"
+    assert resolver.metrics.limited == ["tcp_write_buffer"]
+
+
+def test_a_stalled_client_that_reads_again_is_answered(conn: Connection, resolver: FakeResolver) -> None:
+    conn.protocol.pauseProducing()
+    conn.send(frame(b"waiting"))
+    assert conn.answers() == []
+    conn.protocol.resumeProducing()
+    assert conn.answers() == [b"A:waiting"]
+    assert conn.transport.producerState == "producing"
+
+
+def test_a_client_over_its_rate_is_read_later_not_dropped(resolver: FakeResolver, clock: task.Clock) -> None:
+    limits = ClientLimits(LimitSettings(client=KindLimits(qps=10, burst=3, upstream_in_flight=0, tcp_connections=0)))
+    resolver.clock = clock
+    factory = DNSStreamFactory(resolver, StreamSettings(), limits, clock=clock)  # type: ignore[arg-type]
+    conn = Connection(factory)
+    conn.send(b"".join(frame(b"q%d" % n) for n in range(6)))
+    assert len(conn.answers()) == 3
+    assert conn.transport.producerState == "paused"
+    assert "tcp_throttled" in resolver.metrics.limited
+    clock.advance(0.1)
+    assert len(conn.answers()) == 4
+    clock.advance(0.2)
+    assert conn.answers() == [b"A:q%d" % n for n in range(6)]
+    assert conn.transport.producerState == "producing"
 
 
 # --- UDP ---------------------------------------------------------------------------------------
@@ -333,19 +481,20 @@ def test_udp_deferred_is_answered_when_it_fires(udp, resolver: FakeResolver) -> 
     assert transport.written == [(b"answer b", ("192.0.2.10", 53)), (b"answer a", ADDR)]
 
 
-def test_udp_exceptions_in_handle_do_not_propagate(udp) -> None:
+def test_udp_exceptions_in_handle_are_answered_and_do_not_propagate(udp, resolver: FakeResolver) -> None:
     protocol, transport = udp
     protocol.datagramReceived(b"boom", ADDR)
     protocol.datagramReceived(b"next", ADDR)
-    assert transport.written == [(b"A:next", ADDR)]
+    assert transport.written == [(b"FAILED:boom", ADDR), (b"A:next", ADDR)]
+    assert resolver.failures == [(b"boom", "ValueError")]
 
 
-def test_udp_a_failed_deferred_is_consumed(udp, resolver: FakeResolver) -> None:
+def test_udp_a_failed_deferred_is_answered_and_consumed(udp, resolver: FakeResolver) -> None:
     protocol, transport = udp
     protocol.datagramReceived(b"defer-fail", ADDR)
     deferred = resolver.deferreds[b"defer-fail"]
     deferred.errback(RuntimeError("upstream client bug"))
-    assert transport.written == []
+    assert transport.written == [(b"FAILED:defer-fail", ADDR)]
     results: list[object] = []
     deferred.addBoth(results.append)
     assert results == [None], "the failure was left unhandled in the Deferred"

@@ -39,7 +39,7 @@ def config(text: str = BASE, replace: tuple[str, str] | None = None) -> Config:
 def test_keys_are_unique_and_named_as_in_the_config() -> None:
     keys = [s.key for s in SETTINGS]
     assert len(keys) == len(set(keys))
-    sections = {"server", "upstream", "cache", "metrics", "log", "groups", "egress", "lists", "dnstap"}
+    sections = {"server", "upstream", "cache", "metrics", "log", "groups", "egress", "lists", "dnstap", "limits"}
     assert {key.split(".")[0] for key in keys} <= sections
 
 
@@ -81,6 +81,6 @@ def test_a_reload_applies_every_live_key_and_warns_for_restart_keys(tmp_path: Pa
     assert daemon.upstreams.timeout == 0.5
     assert [str(s) for s in daemon.upstreams.servers] == ["127.0.0.1:5398", "127.0.0.1:5397"]
     assert daemon.cache.size == 7
-    assert daemon.stream_factory.idle_timeout == 3.0
+    assert daemon.stream_factory.settings.idle_timeout == 3.0
     assert warnings == ["server.listen"]
     assert {key for key, _ in live_values(new)} == LIVE_KEYS
