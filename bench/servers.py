@@ -336,7 +336,7 @@ def capture_frames(path: Path) -> tuple[int, bool]:
     return frames, pos == len(data) and last_control == FSTRM_STOP
 
 
-LIMITS_RAISED = "[limits]\nqps = 100000000\nburst = 100000000\n"
+LIMITS_RAISED = "[limits]\nqps = 10000000\nburst = 10000000\n"
 LIMITS_OFF = "[limits]\nenabled = false\n"
 
 
@@ -672,7 +672,7 @@ TOGGLES: dict[str, Toggle] = {
         title="per-client limits",
         on=Blockd(limits=True),
         off=Blockd(limits=False),
-        on_config="metrics on, `[limits]` defaults but `qps`/`burst` 100,000,000 (dnsperf asks from one address; "
+        on_config="metrics on, `[limits]` defaults but `qps`/`burst` 10,000,000 (dnsperf asks from one address; "
         "every query still takes a token, checks slip and flood state: the path of every client's query)",
         off_config="metrics on, `[limits] enabled = false`",
         pairs=None,

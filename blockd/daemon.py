@@ -97,10 +97,11 @@ class PolicyHolder:
 
 
 class MonotonicClock:
-    """The cache's clock: a wall-clock step must not stretch or cut TTLs."""
+    """The cache's and the limits' clock: a wall-clock step must not stretch or cut TTLs.
 
-    def seconds(self) -> float:
-        return time.monotonic()
+    `seconds` is time.monotonic itself, not a method calling it: the query path reads it per query."""
+
+    seconds = staticmethod(time.monotonic)
 
 
 NetlinkParts = tuple[EgressAdapter, Runner, Callable[[Callable[[NetlinkChange], None]], Watcher] | None]

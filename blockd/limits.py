@@ -118,13 +118,18 @@ class ClientKeys:
 class TokenBuckets:
     """Token buckets per client: `rate` tokens a second, at most `burst` kept."""
 
-    __slots__ = ("_buckets", "burst", "max_clients", "overflows", "rate")
+    __slots__ = ("_buckets", "burst", "by_address", "max_clients", "overflows", "rate")
 
     def __init__(self, rate: float, burst: float, max_clients: int):
         self.rate = rate
         self.burst = max(burst, 1.0)
         self.max_clients = max_clients
-        self._buckets: dict[str, list[float]] = {}  # key -> [tokens, when last updated]
+        # key -> [tokens, when last updated, rate, burst]: the last two so that the hot path reads
+        # everything from the one list
+        self._buckets: dict[str, list[float]] = {}
+        # Source address -> its client's bucket (the same list): the hot path's one lookup, with no
+        # prefix arithmetic.  A cache of _buckets, emptied whenever buckets are forgotten.
+        self.by_address: dict[str, list[float]] = {}
         self.overflows = 0  # times the table was emptied because a sweep freed too little
 
     def __len__(self) -> int:
@@ -136,7 +141,7 @@ class TokenBuckets:
         if bucket is None:
             if len(self._buckets) >= self.max_clients:
                 self._sweep(now)
-            self._buckets[key] = [self.burst - 1.0, now]
+            self._buckets[key] = [self.burst - 1.0, now, self.rate, self.burst]
             return True
         tokens = bucket[0] + (now - bucket[1]) * self.rate
         if tokens > self.burst:
@@ -158,13 +163,17 @@ class TokenBuckets:
 
     def _sweep(self, now: float) -> None:
         """Forget clients whose bucket has refilled (idle ones); empty the table if that is too few."""
-        full = [key for key, (tokens, when) in self._buckets.items() if tokens + (now - when) * self.rate >= self.burst]
+        full = [key for key, b in self._buckets.items() if b[0] + (now - b[1]) * self.rate >= self.burst]
+        self.by_address.clear()
         if len(full) < self.max_clients // 10:
             self._buckets.clear()
             self.overflows += 1
             return
         for key in full:
             del self._buckets[key]
+
+    def bucket(self, key: str) -> list[float] | None:
+        return self._buckets.get(key)
 
 
 class Counts:
@@ -208,9 +217,12 @@ class ClientLimits:
         self.settings = settings
         self.enabled = settings.enabled
         self.keys = ClientKeys(settings.ipv4_prefix, settings.ipv6_prefix, settings.max_clients)
+        # None: unlimited (qps 0, or limits off), checked with one comparison per query.
         self._buckets = tuple(
-            TokenBuckets(kind.qps, kind.burst, settings.max_clients) if kind.qps else None for kind in settings.kinds
+            TokenBuckets(kind.qps, kind.burst, settings.max_clients) if kind.qps and self.enabled else None
+            for kind in settings.kinds
         )
+        self._by_address = tuple(b.by_address if b is not None else None for b in self._buckets)
         self._slip = settings.slip if settings.over_limit == "slip" else 0
         # key -> [limited queries (every slip-th is TC), limited in the current second, its start]
         self._limited: dict[str, list[float]] = {}
@@ -222,14 +234,35 @@ class ClientLimits:
         self.tcp = Counts()
         self.upstream_refusal = ""  # why start_upstream last said no
 
-    def check_udp(self, address: str, kind: Kind, now: float) -> Verdict:
-        """Whether this UDP query is answered, dropped, or answered with TC=1 only."""
+    def check_udp(self, address: str, kind: int, now: float) -> int:
+        """Whether this UDP query is answered (Verdict.ANSWER, 0), dropped, or answered with TC=1
+        only.  kind is a Kind (a plain int on the hot path: no enum built per query)."""
+        by_address = self._by_address[kind]
+        if by_address is None:
+            return 0
+        bucket = by_address.get(address)
+        if bucket is not None:  # TokenBuckets.take, inlined: this runs for every UDP query
+            tokens = bucket[0] + (now - bucket[1]) * bucket[2]
+            if tokens > bucket[3]:
+                tokens = bucket[3]
+            bucket[1] = now
+            if tokens >= 1.0:
+                bucket[0] = tokens - 1.0
+                return 0
+            bucket[0] = tokens
+            return self._over_rate(self.keys.key(address), now)
         buckets = self._buckets[kind]
-        if buckets is None or not self.enabled:
-            return Verdict.ANSWER
+        assert buckets is not None  # by_address is None exactly when buckets is
         key = self.keys.key(address)
-        if buckets.take(key, now):
-            return Verdict.ANSWER
+        allowed = buckets.take(key, now)
+        known = buckets.bucket(key)
+        if known is not None:
+            if len(buckets.by_address) >= self.settings.max_clients:
+                buckets.by_address.clear()
+            buckets.by_address[address] = known
+        return 0 if allowed else self._over_rate(key, now)
+
+    def _over_rate(self, key: str, now: float) -> int:
         limited = self._limited.get(key)
         if limited is None:
             if len(self._limited) >= self.settings.max_clients:

@@ -300,7 +300,7 @@ class Resolver:
         if self._limiting and transport == "udp":
             # Kind: 0 client, 1 trusted forwarder, 2 outside server.allow (blockd.limits.Kind).
             kind = (1 if who.trusted else 0) if who.allowed else 2
-            decision = self.limits.check_udp(client, Kind(kind), self.clock.seconds())
+            decision = self.limits.check_udp(client, kind, self.clock.seconds())
             if decision:
                 return self._over_rate(decision, data, client)
         if who.allowed and not who.trusted:
@@ -337,7 +337,7 @@ class Resolver:
         who = self.policy().classifier.classify(client)
         return kind_of(who.allowed, who.trusted)
 
-    def _over_rate(self, decision: LimitVerdict, data: bytes, client: str) -> bytes | None:
+    def _over_rate(self, decision: int, data: bytes, client: str) -> bytes | None:
         """A UDP query over its client's rate: dropped, or (slip) answered TC=1 to come back over TCP;
         logged sampled, without reading it (what it asked is not worth the time)."""
         suppressed = self._limited_log.sample(self.limits.keys.key(client), self.clock.seconds())
