@@ -1,4 +1,4 @@
-"""The `blockd` command: run, check, reload, export, explain."""
+"""The `blockd` command: run, check, reload, export, explain, kit."""
 
 from __future__ import annotations
 
@@ -46,7 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("--client", default="127.0.0.1", help="the asking client's address (default 127.0.0.1)")
     explain.add_argument("--qtype", default="A", help="the question's type (default A)")
     explain.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    kit = commands.add_parser(
+        "kit", help="write the deploy kit (unit for this installation, example config, lists, alerts) into DIR"
+    )
+    kit.add_argument("dir", type=Path, help="directory to write into (created if missing)")
+    kit.add_argument("--force", action="store_true", help="overwrite files that exist")
+    kit.add_argument("--blockd", type=Path, help="the blockd the unit runs (default: this installation's)")
     args = parser.parse_args(argv)
+    if args.command == "kit":
+        from blockd.kit import kit_command
+
+        return kit_command(args.dir, args.force, args.blockd)
     if args.command == "explain":
         return explain_command(args.config, args.name, args.client, args.qtype)
     if args.command == "check":

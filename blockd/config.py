@@ -10,6 +10,7 @@ character is an error of its key (_Parser.path).  The file itself is read as lis
 from __future__ import annotations
 
 import grp
+import importlib.resources
 import ipaddress
 import os
 import pwd
@@ -34,7 +35,10 @@ LIST_FORMATS = ("list", "rpz")
 LIST_MATCHES = ("subtree", "exact")
 LIST_KEYS = (
     "path", "action", "allow_shrink", "format", "match", "zone", "primaries", "tsig", "max_bytes", "max_line_bytes",
+    "invalid_lines",
 )  # fmt: skip
+# A list file's invalid lines: refuse the list (curated lists), or skip them (third-party feeds).
+LIST_INVALID_LINES = ("reject", "skip")
 BLOCKING_ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused")
 QUERY_LOG_MODES = ("none", "blocked", "all")
 # Built-in lists (escape hatches to encrypted DNS); config lists may not take these names.
@@ -197,6 +201,7 @@ class ListConfig:
     # Bounds on a list or zone file (blockd.bounded_read): a bigger file or longer line is refused.
     max_bytes: int = DEFAULT_MAX_BYTES
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    invalid_lines: str = "reject"  # for "list" files: reject | skip (blockd.lists)
 
     @property
     def is_rpz(self) -> bool | None:
@@ -239,15 +244,25 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
+def packaged_data_dir() -> Path | None:
+    """blockd/_data of an installed wheel (the shipped domains/ and deploy/, package data in
+    pyproject.toml), wherever pip put the package; None when it is no directory on disk (a zip
+    import), since lists are files the daemon reopens on every reload."""
+    data = importlib.resources.files("blockd") / "_data"
+    return data if isinstance(data, Path) else None
+
+
 def shipped_base_dir() -> Path:
-    """Where the shipped domains/ lives: a source checkout, or the installed data files."""
+    """The directory holding the shipped domains/ that the embedded default's relative paths name:
+    $BLOCKD_DATA_DIR if set, else the installed package data, else the source checkout (where
+    domains/ is the source of truth and an editable install finds it).  The variable is used even
+    when it names no lists, so the errors name the directory the operator chose."""
     override = os.environ.get("BLOCKD_DATA_DIR")
-    candidates = [Path(override)] if override else []
-    candidates += [
-        Path(__file__).resolve().parent.parent,
-        Path(sys.prefix) / "share" / "blockd",
-        Path("/usr/share/blockd"),
-    ]
+    if override:
+        return Path(override)
+    packaged = packaged_data_dir()
+    candidates = [packaged] if packaged is not None else []
+    candidates.append(Path(__file__).resolve().parent.parent)
     for base in candidates:
         if (base / "domains" / "tiktok.txt").is_file():
             return base
@@ -738,6 +753,7 @@ class _Parser:
             tsig=self.path(f"{key}.tsig", tsig) if (tsig := self.string(table, key, "tsig", None)) else None,
             max_bytes=self.number(table, key, "max_bytes", DEFAULT_MAX_BYTES, 1, 2**40, integer=True),
             max_line_bytes=self.number(table, key, "max_line_bytes", DEFAULT_MAX_LINE_BYTES, 16, 2**24, integer=True),
+            invalid_lines=self.string(table, key, "invalid_lines", "reject", LIST_INVALID_LINES),
         )
         self.check_list_keys(key, table, config)
         return config
@@ -755,6 +771,8 @@ class _Parser:
                 self.error(key, f"{excerpt(config.name)}: a transferred list's name names its copy in server.state_dir")
         if config.is_rpz and "match" in table:
             self.error(f"{key}.match", "RPZ triggers say exact (name) or below (*.name) themselves")
+        if config.is_rpz and "invalid_lines" in table:
+            self.error(f"{key}.invalid_lines", "only for list files: an RPZ zone with an invalid record is refused")
         if config.action == "zone" and config.is_rpz is False:
             self.error(f"{key}.action", "'zone' keeps an RPZ zone's own actions: only for RPZ lists")
         if config.zone is not None and config.format == "list":

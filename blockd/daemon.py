@@ -57,6 +57,7 @@ from blockd.metrics import (
     EgressCollector,
     EgressMetrics,
     LimitCollector,
+    ListInvalidLinesCollector,
     ListSizeCollector,
     Metrics,
     NullMetrics,
@@ -183,6 +184,9 @@ class Daemon:
         self.metrics: Metrics = Metrics() if config.metrics.listen is not None else NullMetrics()
         self.metrics.registry.register(
             ListSizeCollector(lambda: {name: len(lst) for name, lst in self.policy().lists.items()})
+        )
+        self.metrics.registry.register(
+            ListInvalidLinesCollector(lambda: {name: lst.invalid_lines for name, lst in self.policy().lists.items()})
         )
         self.dnstap = self._build_dnstap(config.dnstap)
         self.upstreams = Upstreams(

@@ -11,12 +11,19 @@ of list size, and the dicts a configuration does not use are never probed.
 
 Which entry wins, as the RPZ specification orders policy zones: the first list in the group's
 order that matches at all; within that list the most specific entry (so an exact entry beats a
-wildcard above it).
+wildcard above it).  A list's own exceptions ("@@||name^") take the name out of that list only:
+the next list in the group's order may still match it.
+
+Wildcards inside a label ("p16-tiktok-*.ibyteimg.com", a subtree entry) are indexed by their
+fixed suffix ("ibyteimg.com"): when the walk over a query's ancestors reaches that suffix, the
+one label to its left is matched against the compiled patterns under that suffix.  A query
+under no such suffix costs one more dict probe per ancestor, and only when a list has one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from typing import NamedTuple
 
@@ -62,6 +69,25 @@ def _masks(lists: Sequence[DomainList], names_of: str) -> dict[str, int]:
     return masks
 
 
+LabelPattern = Callable[[str], object]  # re.Pattern.fullmatch: a match or None
+
+
+def _wildcards(lists: Sequence[DomainList]) -> dict[str, dict[str, tuple[LabelPattern, int]]]:
+    """suffix -> {entry: (its first label's pattern, bitmask of the lists holding it)}."""
+    wild: dict[str, dict[str, tuple[LabelPattern, int]]] = {}
+    for index, lst in enumerate(lists):
+        for entry in lst.wildcards:
+            label, _, suffix = entry.partition(".")
+            patterns = wild.setdefault(suffix, {})
+            if entry in patterns:
+                matches, bits = patterns[entry]
+                patterns[entry] = (matches, bits | 1 << index)
+            else:  # "*" stands for any run of label characters, within this one label
+                regex = "[a-z0-9_-]*".join(re.escape(part) for part in label.split("*"))
+                patterns[entry] = (re.compile(regex).fullmatch, 1 << index)
+    return wild
+
+
 class DomainIndex:
     """Every list's entries, indexed for lookups by name and ancestors."""
 
@@ -71,6 +97,10 @@ class DomainIndex:
         self._masks = _masks(lists, "domains")
         self._exact = _masks(lists, "exact")
         self._below = _masks(lists, "below")
+        self._wild = _wildcards(lists)
+        # Lists with exceptions: index -> the exempt subtrees; their bits, to skip the check otherwise.
+        self._exceptions = {index: SuffixSet(set(lst.exceptions)) for index, lst in enumerate(lists) if lst.exceptions}
+        self._excepting = sum(1 << index for index in self._exceptions)
 
     def mask_for(self, list_names: Iterable[str]) -> int:
         mask = 0
@@ -86,13 +116,16 @@ class DomainIndex:
         hits = self._hits(key, mask)
         if not hits:
             return None
-        if len(hits) == 1:  # the common case: one entry of one list
+        excepting = self._excepting & mask
+        if len(hits) == 1 and not excepting:  # the common case: one entry of one list
             name, kind, found = hits[0]
             for index in order:
                 if found >> index & 1:
                     return Match(self.list_names[index], name, kind)
             return None
         for index in order:
+            if excepting >> index & 1 and self._exceptions[index].contains(key):
+                continue  # exempt from this list's entries, not from the next list's
             for name, kind, found in hits:  # most specific first
                 if found >> index & 1:
                     return Match(self.list_names[index], name, kind)
@@ -101,7 +134,7 @@ class DomainIndex:
     def _hits(self, key: str, mask: int) -> list[tuple[str, str, int]]:
         """(entry, kind, lists of mask holding it) for key and its ancestors, most specific first."""
         hits = []
-        subtree, exact, below = self._masks, self._exact, self._below
+        subtree, exact, below, wild = self._masks, self._exact, self._below, self._wild
         if exact:
             found = exact.get(key, 0) & mask
             if found:
@@ -114,6 +147,14 @@ class DomainIndex:
             dot = name.find(".")
             if dot < 0:
                 return hits
+            if wild:
+                patterns = wild.get(name[dot + 1 :])
+                if patterns is not None:
+                    label = name[:dot]
+                    for entry, (matches, lists) in patterns.items():
+                        found = lists & mask
+                        if found and matches(label) is not None:
+                            hits.append((entry, SUBTREE, found))
             name = name[dot + 1 :]
             if below:
                 found = below.get(name, 0) & mask

@@ -15,6 +15,7 @@ see zeros.  Sizes (list entries) are read at scrape time by a collector.
   blockd_upstream_request_duration_seconds{upstream}  successful attempt latency
   blockd_upstream_up{upstream}, blockd_upstream_sockets  (UpstreamHealthCollector, at scrape time)
   blockd_list_domains{list}                           entries loaded per list
+  blockd_list_invalid_lines{list}                     lines a lenient list skipped (at scrape time)
   blockd_reloads_total{result}                        success / failure
   blockd_last_reload_success_timestamp_seconds
   blockd_reload_duration_seconds
@@ -373,6 +374,22 @@ class ListSizeCollector(Collector):
         family = GaugeMetricFamily("blockd_list_domains", "Domains loaded per list.", labels=["list"])
         for name, size in sorted(self._sizes().items()):
             family.add_metric([name], size)
+        yield family
+
+
+# --- Lenient lists (invalid_lines = "skip"): what each list skipped, read like blockd_list_domains.
+class ListInvalidLinesCollector(Collector):
+    """blockd_list_invalid_lines, read from the serving policy at scrape time (0: nothing skipped)."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]):
+        self._counts = counts
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "blockd_list_invalid_lines", "Lines skipped by a list with invalid_lines = 'skip'.", labels=["list"]
+        )
+        for name, count in sorted(self._counts().items()):
+            family.add_metric([name], count)
         yield family
 
 

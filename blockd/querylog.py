@@ -68,6 +68,8 @@ def line_tail(
     error: bool = False,
     action: str | None = None,
     suppressed: int | None = None,
+    transport: str | None = None,
+    duration_ms: int | None = None,
 ) -> str:
     """Everything of a log line after the client, as JSON text.
 
@@ -82,8 +84,13 @@ def line_tail(
     else:
         action = action or ("error" if error else "denied" if denied else "forward")
         list_name = domain = via = None
-    # A sampled line (blockd.log_sampling) says how many like it went unlogged before it.
-    more = f',"suppressed":{suppressed}' if suppressed is not None else ""
+    # How the query came and how long its answer took (ms, whole: 0 for an answer given as the
+    # query arrived); a sampled line (blockd.log_sampling) says how many like it went unlogged.
+    more = f',"transport":"{transport}"' if transport is not None else ""
+    if duration_ms is not None:
+        more += f',"duration_ms":{duration_ms}'
+    if suppressed is not None:
+        more += f',"suppressed":{suppressed}'
     return (
         f'"group":{_json_string(group.name if group is not None else NO_GROUP)},'
         f'"qname":{_json_or_null(key)},'
@@ -170,18 +177,30 @@ class QueryLog:
     # -- hot path (reactor thread): append raw fields, nothing more -------------------------
 
     def answered(
-        self, client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False
+        self,
+        client: str,
+        group: Group | None,
+        query: Query,
+        verdict: Verdict | None,
+        rcode: int,
+        denied: bool = False,
+        transport: str = "udp",
+        duration_ms: int = 0,
     ) -> None:
-        """One answered query (blocked, monitored and denied ones in `blocked` mode, all in `all`)."""
+        """One answered query (blocked, monitored and denied ones in `blocked` mode, all in `all`).
+        duration_ms: from arrival to answer, in whole ms (a handful of values: the tails stay memoized)."""
         if not (self.logs_allowed or (self.logs_blocked and (verdict is not None or denied))):
             return
         queue = self.queue
         if len(queue) >= QUEUE_LIMIT:
             self.on_drop()
             return
-        queue.append((self.clock_ns(), client, (group, query.key, query.qtype, verdict, rcode, denied)))
+        tail = (group, query.key, query.qtype, verdict, rcode, denied, False, None, None, transport, duration_ms)
+        queue.append((self.clock_ns(), client, tail))
 
-    def unreadable(self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int) -> None:
+    def unreadable(
+        self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int, transport: str = "udp"
+    ) -> None:
         """A packet answered with an error from its header alone (FORMERR, NOTIMP, BADVERS): `all` mode."""
         if not self.logs_allowed:
             return
@@ -189,17 +208,26 @@ class QueryLog:
         if len(queue) >= QUEUE_LIMIT:
             self.on_drop()
             return
-        queue.append((self.clock_ns(), client, line_tail(group, key, qtype, None, rcode, error=True)))
+        tail = line_tail(group, key, qtype, None, rcode, error=True, transport=transport, duration_ms=0)
+        queue.append((self.clock_ns(), client, tail))
 
     def sampled(
-        self, client: str, group: Group | None, query: Query | None, action: str, rcode: int, suppressed: int
+        self,
+        client: str,
+        group: Group | None,
+        query: Query | None,
+        action: str,
+        rcode: int,
+        suppressed: int,
+        transport: str = "udp",
     ) -> None:
         """A refused ("denied") or rate-limited query, one line per client per interval
         (blockd.log_sampling): with how many were not logged since the last one."""
         if not self.logs_blocked:
             return
         key, qtype = (query.key, query.qtype) if query is not None else (None, 0)
-        self.repeated(client, line_tail(group, key, qtype, None, rcode, action=action, suppressed=suppressed))
+        tail = line_tail(group, key, qtype, None, rcode, action=action, suppressed=suppressed, transport=transport)
+        self.repeated(client, tail)
 
     def repeated(self, client: str, tail: str) -> None:
         """A repeated blocked query whose line tail (line_tail()) the caller kept."""

@@ -34,7 +34,7 @@ class BlockedRepeat:
     answer_tail: bytes  # the blocked answer after its two ID bytes
     verdict: Verdict
     name: str  # the query name (egress follow-up lookups want it)
-    log_tail: str  # the query-log line after the client (blockd.querylog.line_tail)
+    log_tails: tuple[str, str]  # the query-log line after the client, for UDP and TCP (querylog.line_tail)
     counters: tuple[list[int], list[int]]  # one-slot counters for UDP and TCP (Metrics.repeat_cell)
     query_tail: bytes = b""  # the query after its ID: what the memo keys on (dnstap rebuilds the query)
 

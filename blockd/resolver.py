@@ -71,17 +71,35 @@ class QueryObserver(Protocol):
     def logs_blocked(self) -> bool: ...
 
     def answered(
-        self, client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False
-    ) -> None: ...
+        self,
+        client: str,
+        group: Group | None,
+        query: Query,
+        verdict: Verdict | None,
+        rcode: int,
+        denied: bool = False,
+        transport: str = "udp",
+        duration_ms: int = 0,
+    ) -> None:
+        """duration_ms: from the query's arrival to its answer (whole ms; 0 when answered at once)."""
 
     def repeated(self, client: str, tail: str) -> None:
         """A repeated blocked query, with its line tail (blockd.querylog.line_tail) kept by the memo."""
 
-    def unreadable(self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int) -> None:
+    def unreadable(
+        self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int, transport: str = "udp"
+    ) -> None:
         """A packet answered from its header (FORMERR, NOTIMP) or BADVERS: key and qtype when read."""
 
     def sampled(
-        self, client: str, group: Group | None, query: Query | None, action: str, rcode: int, suppressed: int
+        self,
+        client: str,
+        group: Group | None,
+        query: Query | None,
+        action: str,
+        rcode: int,
+        suppressed: int,
+        transport: str = "udp",
     ) -> None:
         """A refused ("denied") or rate-limited query, logged once per client per interval."""
 
@@ -168,6 +186,7 @@ class Asker:
         "port",
         "query",
         "received_ns",
+        "started",
         "transport",
         "trusted",
         "upstream_slot",
@@ -190,6 +209,7 @@ class Asker:
         self.client = client
         self.port = port
         self.received_ns = received_ns  # wall-clock arrival, when a WireTap is on
+        self.started = 0.0  # arrival on the resolver's clock (the query log's duration_ms)
         self.group = group
         self.verdict = verdict  # a monitor verdict of the question, counted already
         self.transport = transport
@@ -232,6 +252,11 @@ def _label(group: Group | None) -> str:
 
 
 NO_ANSWER = -1  # the rcode logged for a query given no answer (RPZ drop)
+
+
+def _ms(seconds: float) -> int:
+    """A duration for the query log: whole milliseconds, never negative."""
+    return int(seconds * 1000) if seconds > 0 else 0
 
 
 def _blocked_bytes(query: Query, verdict: Verdict, ede_text: str) -> bytes:
@@ -328,6 +353,7 @@ class Resolver:
         # The arrival time, for dnstap; -1: a walled garden's own lookup, not a client's query.
         received = (self.tap.now_ns() if not self._following else -1) if self._tapping else 0
         asker = Asker(query, client, group, verdict, transport, policy, who.trusted, port, received)
+        asker.started = self.clock.seconds()
         return self._answer_from_upstream(asker)
 
     # -- outside the steps: limits and failures -------------------------------------------------
@@ -373,7 +399,7 @@ class Resolver:
         if isinstance(repeat, BlockedRepeat):
             repeat.counters[transport == "tcp"][0] += 1  # queries, type, blocked and rcode in one add
             if self._log_blocked:
-                self.observer.repeated(client, repeat.log_tail)
+                self.observer.repeated(client, repeat.log_tails[transport == "tcp"])
             self.watcher.question_blocked(repeat.name, repeat.verdict)
             id_bytes = data[:2]
             if self._tapping:
@@ -401,7 +427,7 @@ class Resolver:
             return None
         self.metrics.count_query(NO_GROUP, transport, unreadable.qtype)
         self.metrics.count_response(unreadable.rcode)
-        self.observer.unreadable(client, group, unreadable.key, unreadable.qtype, unreadable.rcode)
+        self.observer.unreadable(client, group, unreadable.key, unreadable.qtype, unreadable.rcode, transport)
         if self._tapping:
             self.tap.answered(client, port, transport, data, unreadable.answer, None, False, 0)
         return unreadable.answer
@@ -419,7 +445,7 @@ class Resolver:
         answer = self._with_nsid(query, answer)
         rcode = answer[3] & 0x0F
         self.metrics.count_response(rcode)
-        self.observer.answered(client, group, query, None, rcode)
+        self.observer.answered(client, group, query, None, rcode, transport=transport)
         if self._tapping:
             self.tap.answered(client, port, transport, query.raw, answer, None, False, 0)
         return answer
@@ -430,7 +456,7 @@ class Resolver:
         """ANY over UDP: RFC 8482's one HINFO, never the whole name (amplification); TCP is forwarded."""
         answer = self._with_nsid(query, wire.minimal_any_response(query))
         self.metrics.count_response(wire.RCODE_NOERROR)
-        self.observer.answered(client, group, query, verdict, wire.RCODE_NOERROR)
+        self.observer.answered(client, group, query, verdict, wire.RCODE_NOERROR, transport="udp")
         if self._tapping:
             self.tap.answered(client, port, "udp", query.raw, answer, verdict, False, 0)
         return answer
@@ -439,7 +465,7 @@ class Resolver:
         self.metrics.count_response(wire.RCODE_REFUSED)
         suppressed = self._refused_log.sample(self.limits.keys.key(client), self.clock.seconds())
         if suppressed is not None:  # one line per client per interval: a refused flood cannot fill the disk
-            self.observer.sampled(client, group, query, "denied", wire.RCODE_REFUSED, suppressed)
+            self.observer.sampled(client, group, query, "denied", wire.RCODE_REFUSED, suppressed, transport)
         answer = wire.error_response(query, wire.RCODE_REFUSED, wire.EDE_PROHIBITED, "client not allowed")
         answer = self._with_nsid(query, answer)
         if self._tapping:
@@ -464,7 +490,7 @@ class Resolver:
         transport: str,
         port: int,
     ) -> bytes | defer.Deferred[bytes | None] | None:
-        answer = self._blocked(client, query, verdict)
+        answer = self._blocked(client, query, verdict, transport)
         self.watcher.question_blocked(query.key, verdict)
         target = follow_target(verdict, query) if answer is not None and not self._following else None
         if answer is not None and target is not None:
@@ -492,8 +518,11 @@ class Resolver:
                 self.metrics.repeat_cell(group.name, "udp", query.qtype, verdict.list_name, verdict.action, rcode),
                 self.metrics.repeat_cell(group.name, "tcp", query.qtype, verdict.list_name, verdict.action, rcode),
             )
-            log_tail = line_tail(group, query.key, query.qtype, verdict, rcode)
-            repeat = BlockedRepeat(answer[2:], verdict, query.key, log_tail, counters, query.raw[2:])
+            tails = tuple(
+                line_tail(group, query.key, query.qtype, verdict, rcode, transport=t, duration_ms=0)
+                for t in ("udp", "tcp")
+            )
+            repeat = BlockedRepeat(answer[2:], verdict, query.key, (tails[0], tails[1]), counters, query.raw[2:])
             self.repeats.remember(policy, who.group, query.raw, repeat)
         return answer
 
@@ -611,12 +640,14 @@ class Resolver:
         verdict = self._check_answer(asker, info)
         self.watcher.answer_seen(info, verdict, asker.group)
         if verdict is not None and verdict.blocks_on(asker.transport):
-            answer = self._blocked(asker.client, asker.query, verdict)
+            answer = self._blocked(asker.client, asker.query, verdict, asker.transport, _ms(now - asker.started))
         else:
             query = asker.query
             if self.repeats.may_remember(query, asker.trusted) and self.cache.holds(key, entry):
                 self.repeats.remember(asker.policy, asker.group, query.raw, CachedRepeat(key, entry, query, verdict))
-            answer = self._deliver(entry, query, query.id, asker.transport, asker.client, asker.group, verdict, now)
+            took = _ms(now - asker.started)
+            group, transport = asker.group, asker.transport
+            answer = self._deliver(entry, query, query.id, transport, asker.client, group, verdict, now, took)
         if self._tapping:
             self._tap_asker(asker, answer, verdict)
         return answer
@@ -649,6 +680,7 @@ class Resolver:
         group: Group | None,
         verdict: Verdict | None,
         now: float,
+        duration_ms: int = 0,
     ) -> bytes:
         """The answer as this client gets it: its ID and spelling, aged TTLs, TC if too big for UDP."""
         answer = self._with_nsid(query, render(entry, query, now, query_id))
@@ -656,7 +688,7 @@ class Resolver:
             answer = self._fit_udp(query, answer, query_id)
         rcode = answer[3] & 0x0F
         self.metrics.count_response(rcode)
-        self.observer.answered(client, group, query, verdict, rcode)
+        self.observer.answered(client, group, query, verdict, rcode, transport=transport, duration_ms=duration_ms)
         return answer
 
     def _fit_udp(self, query: Query, answer: bytes, query_id: int) -> bytes:
@@ -676,11 +708,13 @@ class Resolver:
             return self._fit_udp(query, answer, query.id)
         return answer.addCallback(lambda whole: self._fit_udp(query, whole, query.id) if whole else whole)
 
-    def _blocked(self, client: str, query: Query, verdict: Verdict) -> bytes | None:
+    def _blocked(
+        self, client: str, query: Query, verdict: Verdict, transport: str, duration_ms: int = 0
+    ) -> bytes | None:
         """blockd's own answer for a blocked name (None: drop it), counted and logged."""
         if verdict.action == "drop":
             self.metrics.count_drop("policy")
-            self.observer.answered(client, verdict.group, query, verdict, NO_ANSWER)
+            self.observer.answered(client, verdict.group, query, verdict, NO_ANSWER, False, transport, duration_ms)
             return None
         answer = _blocked_bytes(query, verdict, verdict.ede_text)
         if len(answer) > wire.PLAIN_UDP_LIMIT and verdict.action != "local-data":
@@ -690,12 +724,15 @@ class Resolver:
         answer = self._with_nsid(query, answer)
         rcode = answer[3] & 0x0F
         self.metrics.count_response(rcode)
-        self.observer.answered(client, verdict.group, query, verdict, rcode)
+        self.observer.answered(client, verdict.group, query, verdict, rcode, False, transport, duration_ms)
         return answer
 
     def _servfail(self, asker: Asker, reason: str, ede_code: int = wire.EDE_NO_REACHABLE_AUTHORITY) -> bytes:
         self.metrics.count_response(wire.RCODE_SERVFAIL)
-        self.observer.answered(asker.client, asker.group, asker.query, asker.verdict, wire.RCODE_SERVFAIL)
+        duration = _ms(self.clock.seconds() - asker.started)
+        self.observer.answered(
+            asker.client, asker.group, asker.query, asker.verdict, wire.RCODE_SERVFAIL, False, asker.transport, duration
+        )
         answer = wire.error_response(asker.query, wire.RCODE_SERVFAIL, ede_code, reason)
         answer = self._with_nsid(asker.query, answer)
         if self._tapping:

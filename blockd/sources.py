@@ -1,7 +1,9 @@
 """Where a list's entries come from: a domain-list file, an RPZ zone file, or a zone transfer.
 
 Config: [lists.X] path + format ("list" | "rpz", detected from the file's first lines when not
-set) + match ("subtree" | "exact", for list files), or zone + primaries (+ tsig) for a zone
+set) + match ("subtree" | "exact", for list files) + invalid_lines ("reject" | "skip": a
+third-party list keeps the lines it understood and counts the rest, blockd_list_invalid_lines),
+or zone + primaries (+ tsig) for a zone
 transferred from primaries (blockd.transfer); the transferred content reaches this module as a
 PolicyZone the daemon holds (the last good copy from the state directory at start, then every
 applied transfer).
@@ -19,7 +21,7 @@ from collections.abc import Iterable, Mapping
 
 from blockd.bounded_read import FileRefused, ReadLimits, open_text
 from blockd.config import ListConfig
-from blockd.lists import DomainList, LineError, ListLoadError, file_signature, parse_lines, read_error
+from blockd.lists import DomainList, LineError, ListLoadError, file_signature, list_of, parse_list, read_error
 from blockd.rpz import PolicyZone, looks_like_zone_file, parse_zone_file
 
 _HEAD_LINES = 50
@@ -58,14 +60,10 @@ def load_source(
                 return _parse_zone_file(config, shown, head, lines, signature)
             if config.action == "zone":
                 raise ListLoadError([LineError(shown, 0, "action = 'zone' needs an RPZ zone file, and this is a list")])
-            domains, errors = parse_lines(lines, shown)
+            parsed = parse_list(lines, shown)
     except (OSError, FileRefused) as exc:
         raise read_error(shown, exc, "zone file" if config.format == "rpz" else "list") from None
-    if errors:
-        raise ListLoadError(errors)
-    if config.match == "exact":
-        return DomainList(config.name, shown, frozenset(), signature, exact=domains)
-    return DomainList(config.name, shown, domains, signature)
+    return list_of(config.name, shown, parsed, signature, config.match, config.invalid_lines == "skip")
 
 
 def read_limits(config: ListConfig) -> ReadLimits:
@@ -78,8 +76,11 @@ def _unchanged(config: ListConfig, previous: DomainList, shown: str, signature: 
         return False
     if previous.rpz:
         return config.format != "list"
+    if previous.invalid_lines and config.invalid_lines != "skip":
+        return False  # now strict: the file's invalid lines must refuse it
     # An empty list reads the same either way; otherwise its entries sit where its match put them.
-    same_match = not previous.domains if config.match == "exact" else not previous.exact
+    # (A subtree list may hold exact "|name^" entries too: only one with no subtree entry is ambiguous.)
+    same_match = not previous.domains if config.match == "exact" else bool(previous.domains) or not previous.exact
     return config.format != "rpz" and config.action != "zone" and same_match
 
 

@@ -713,13 +713,13 @@ CASES = [
         "list-unknown-key",
         'lists.x = {path = "x.txt", url = "https://x"}',
         "lists.x.url: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig, "
-        "max_bytes, max_line_bytes)",
+        "max_bytes, max_line_bytes, invalid_lines)",
     ),
     err(
         "list-unknown-key-and-missing-path",
         'lists.x = {file = "x.txt"}',
         "lists.x.file: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig, "
-        "max_bytes, max_line_bytes)",
+        "max_bytes, max_line_bytes, invalid_lines)",
         "lists.x.path: set exactly one of path (a list file) or zone (an RPZ zone from primaries)",
     ),
     err(

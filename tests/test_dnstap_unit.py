@@ -450,7 +450,7 @@ def test_a_full_queue_drops_and_counts(sock_path: Path, monkeypatch: pytest.Monk
     for _ in range(3):
         sink.answered("10.120.0.7", 1, "udp", QUERY, ANSWER, BLOCKED, False, 0)
     sink.answered("10.120.0.7", 1, "udp", QUERY, None, BLOCKED, False, 0)  # a drop: one frame
-    repeat = BlockedRepeat(ANSWER[2:], BLOCKED, "tiktok.com", "", ([0], [0]), QUERY[2:])
+    repeat = BlockedRepeat(ANSWER[2:], BLOCKED, "tiktok.com", ("", ""), ([0], [0]), QUERY[2:])
     sink.repeated("10.120.0.7", 1, "udp", QUERY[:2], repeat)
     sink.encode()  # the bound applies here: the first three lookups kept, the newest dropped
     assert [events for _, _, events in sink.chunks] == [3]
@@ -625,7 +625,7 @@ def test_repeats_are_streamed_as_client_stream_would(
 ) -> None:
     """Repeated blocked queries, encoded column by column from kept parts (twice, so the second
     batch finds them kept), give the bytes client_stream builds field by field."""
-    repeats = [BlockedRepeat(tail, BLOCKED, "tiktok.com", "", ([0], [0]), question) for question in questions]
+    repeats = [BlockedRepeat(tail, BLOCKED, "tiktok.com", ("", ""), ([0], [0]), question) for question in questions]
     facts = policy_facts(BLOCKED)
     assert facts is not None
     events = [

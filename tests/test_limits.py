@@ -323,7 +323,7 @@ def test_the_repeat_memo_is_bounded_in_bytes() -> None:
     memo.lookup(policy, None, b"")  # type: ignore[arg-type]  # adopt the snapshot
     for n in range(200):
         data = n.to_bytes(2, "big") + bytes(300)
-        repeat = BlockedRepeat(b"a" * 100, None, "x", "", ([0], [0]))  # type: ignore[arg-type]
+        repeat = BlockedRepeat(b"a" * 100, None, "x", ("", ""), ([0], [0]))  # type: ignore[arg-type]
         memo.remember(policy, None, data[:2] + n.to_bytes(4, "big") + data[6:], repeat)  # type: ignore[arg-type]
         assert memo.bytes <= 10_000
     assert memo.clears > 0

@@ -132,6 +132,8 @@ def test_a_blocked_line_has_every_field() -> None:
         "domain": "tiktok.com",
         "via": "question",
         "rcode": "NOERROR",
+        "transport": "udp",
+        "duration_ms": 0,
     }
     assert "\n" not in line and ": " not in line  # one compact object per line
 
@@ -455,3 +457,10 @@ def test_lines_queued_across_a_reopen_all_reach_the_new_file(tmp_path: Path) -> 
     log.flush()
     assert [line["qname"] for line in read_lines(path)] == ["b.tiktok.com", "c.tiktok.com"]
     release(log)
+
+
+def test_lines_say_the_transport_and_how_long_the_answer_took() -> None:
+    log, _ = make_log(mode="all")
+    log.answered("192.0.2.1", GOV, query(), None, wire.RCODE_NOERROR, transport="tcp", duration_ms=37)
+    log.answered("192.0.2.1", GOV, query(), SINKHOLED, wire.RCODE_NOERROR)
+    assert [(r["transport"], r["duration_ms"]) for r in records(log)] == [("tcp", 37), ("udp", 0)]

@@ -104,21 +104,40 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.lines: list[tuple[str, str | None, str, str | None, int, bool]] = []
         self.repeats: list[tuple[str, str]] = []
+        self.transports: list[tuple[str, int]] = []
 
     def answered(
-        self, client: str, group: Group | None, query: Query, verdict: Verdict | None, rcode: int, denied: bool = False
+        self,
+        client: str,
+        group: Group | None,
+        query: Query,
+        verdict: Verdict | None,
+        rcode: int,
+        denied: bool = False,
+        transport: str = "udp",
+        duration_ms: int = 0,
     ) -> None:
+        self.transports.append((transport, duration_ms))
         action = verdict.action if verdict is not None else None
         self.lines.append((client, group.name if group else None, query.key, action, rcode, denied))
 
     def repeated(self, client: str, tail: str) -> None:
         self.repeats.append((client, tail))
 
-    def unreadable(self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int) -> None:
+    def unreadable(
+        self, client: str, group: Group | None, key: str | None, qtype: int, rcode: int, transport: str = "udp"
+    ) -> None:
         self.lines.append((client, group.name if group else None, key or "", "error", rcode, False))
 
     def sampled(
-        self, client: str, group: Group | None, query: Query | None, action: str, rcode: int, suppressed: int
+        self,
+        client: str,
+        group: Group | None,
+        query: Query | None,
+        action: str,
+        rcode: int,
+        suppressed: int,
+        transport: str = "udp",
     ) -> None:
         key = query.key if query is not None else ""
         self.lines.append((client, group.name if group else None, key, None, rcode, action == "denied"))
@@ -571,3 +590,13 @@ def test_dnssec_infrastructure_of_a_blocked_name_is_forwarded(harness: Harness, 
     assert isinstance(pending, defer.Deferred) and harness.upstreams.sent
     assert harness.blocked("government", "tiktok", "sinkhole") == 0
     assert addresses(harness.answer_now("tiktok.com", "A", client=GOV)) == ["0.0.0.0"]  # the rest: blocked
+
+
+def test_the_log_says_each_query_s_transport_and_how_long_its_answer_took(harness: Harness) -> None:
+    waiting = harness.ask("slow.example", transport="tcp")
+    harness.clock.advance(0.25)
+    harness.upstreams.answer()
+    result_of(waiting)
+    harness.answer_now("slow.example")  # from the cache: at once
+    harness.answer_now("www.tiktok.com", client=GOV)  # blocked: at once
+    assert harness.observer.transports == [("tcp", 250), ("udp", 0), ("udp", 0)]
