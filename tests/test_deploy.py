@@ -31,6 +31,8 @@ ALLOWED_METRICS = frozenset(
         "blockd_dns_responses_total",
         "blockd_dns_dropped_total",
         "blockd_upstream_requests_total",
+        "blockd_upstream_up",
+        "blockd_limited_total",
         "blockd_upstream_request_duration_seconds_bucket",
         "blockd_upstream_request_duration_seconds_sum",
         "blockd_upstream_request_duration_seconds_count",
@@ -92,6 +94,16 @@ class _Counts:
         return 0
 
 
+class _Upstreams:
+    """Stands in for blockd.upstream.Upstreams: one upstream, up."""
+
+    def up(self) -> dict[str, bool]:
+        return {"192.0.2.53:53": True}
+
+    def open_sockets(self) -> int:
+        return 1
+
+
 def exported_metric_names() -> set[str]:
     """Every sample name blockd's metrics export, egress and interface groups included."""
     from prometheus_client import CollectorRegistry
@@ -103,6 +115,7 @@ def exported_metric_names() -> set[str]:
         EgressMetrics,
         ListSizeCollector,
         Metrics,
+        UpstreamHealthCollector,
     )
 
     registry = CollectorRegistry()
@@ -110,6 +123,7 @@ def exported_metric_names() -> set[str]:
     metrics.declare([("default", [("ads", "sinkhole")])], ["192.0.2.53"])
     metrics.interface_networks.labels("lan")
     registry.register(CacheCollector(_Counts()))
+    registry.register(UpstreamHealthCollector(_Upstreams()))
     registry.register(ListSizeCollector(lambda: {"ads": 1}))
     EgressMetrics(registry)
     registry.register(EgressCollector(_Counts()))
