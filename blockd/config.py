@@ -14,6 +14,7 @@ import importlib.resources
 import ipaddress
 import os
 import pwd
+import re
 import sys
 import tomllib
 from collections.abc import Callable
@@ -35,8 +36,10 @@ LIST_FORMATS = ("list", "rpz")
 LIST_MATCHES = ("subtree", "exact")
 LIST_KEYS = (
     "path", "action", "allow_shrink", "format", "match", "zone", "primaries", "tsig", "max_bytes", "max_line_bytes",
-    "invalid_lines",
+    "invalid_lines", "url", "refresh", "ca_file", "sha256", "proxy",
 )  # fmt: skip
+# A list from a URL (blockd.url_lists): refreshed every `refresh` seconds by default (plus jitter).
+DEFAULT_URL_REFRESH = 86400.0
 # A list file's invalid lines: refuse the list (curated lists), or skip them (third-party feeds).
 LIST_INVALID_LINES = ("reject", "skip")
 BLOCKING_ACTIONS = ("sinkhole", "nxdomain", "nodata", "refused")
@@ -202,6 +205,12 @@ class ListConfig:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     invalid_lines: str = "reject"  # for "list" files: reject | skip (blockd.lists)
+    # A list downloaded from a URL (blockd.url_lists): path is then its last good copy in state_dir.
+    url: str | None = None
+    refresh: float = DEFAULT_URL_REFRESH  # seconds between downloads (plus up to 10 % jitter)
+    ca_file: Path | None = None  # PEM trust roots for https instead of the system store
+    sha256: str | None = None  # the download must have this digest (hex, lower case)
+    proxy: Endpoint | None = None  # an HTTP proxy, reached with CONNECT (blockd.http_proxy)
 
     @property
     def is_rpz(self) -> bool | None:
@@ -476,7 +485,7 @@ class _Parser:
         metrics = self.metrics(data)
         log = self.log(data)
         cache = self.cache(data)
-        lists = self.lists(data)
+        lists = self.lists(data, server.state_dir)
         groups = self.groups(data, lists)
         egress = self.egress(data)
         dnstap = self.dnstap(data)
@@ -705,7 +714,7 @@ class _Parser:
         self.error(item_key, f'{text!r}: expected "unix:/path/to.sock" or "tcp:address:port"')
         return None
 
-    def lists(self, data: dict[str, Any]) -> dict[str, ListConfig]:
+    def lists(self, data: dict[str, Any], state_dir: Path = Path("/var/lib/blockd")) -> dict[str, ListConfig]:
         lists_table = data.get("lists", {})
         if not isinstance(lists_table, dict):
             self.error("lists", f"must be a table of lists, not {_type_name(lists_table)}")
@@ -723,7 +732,9 @@ class _Parser:
                 self.error(f"lists.{excerpt(name)}", "a list name must be printable text")
                 continue
             table = self.known_keys(value, key, LIST_KEYS)
-            list_config = self.list_source(name, key, table)
+            list_config = (
+                self.url_source(name, key, table, state_dir) if "url" in table else self.list_source(name, key, table)
+            )
             if list_config is not None:
                 result[name] = list_config
         return result
@@ -758,7 +769,48 @@ class _Parser:
         self.check_list_keys(key, table, config)
         return config
 
+    def url_source(self, name: str, key: str, table: dict[str, Any], state_dir: Path) -> ListConfig | None:
+        """One [lists.X] table with url: downloaded, its last good copy <state_dir>/<name>.list."""
+        for other in ("path", "zone", "primaries", "tsig"):
+            if other in table:
+                self.error(f"{key}.{other}", "not with url (a list is a file, a zone from primaries or a URL)")
+        url = self.string(table, key, "url", None)
+        if url is None:
+            return None
+        if not url.startswith(("http://", "https://")) or len(url) > 2048 or not url.isprintable() or " " in url:
+            self.error(f"{key}.url", f"{excerpt(url)}: expected an http:// or https:// URL")
+            return None
+        if "/" in name or name.startswith("."):
+            self.error(key, f"{excerpt(name)}: a downloaded list's name names its copy in server.state_dir")
+            return None
+        sha256 = self.string(table, key, "sha256", None)
+        if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+            self.error(f"{key}.sha256", "expected 64 hexadecimal digits (the SHA-256 of the download)")
+        ca_file = self.string(table, key, "ca_file", None)
+        config = ListConfig(
+            name=name,
+            path=state_dir / f"{name}.list",
+            action=self.string(table, key, "action", None, LIST_ACTIONS),
+            allow_shrink=self.boolean(table, key, "allow_shrink", False),
+            format=self.string(table, key, "format", None, LIST_FORMATS),
+            match=self.string(table, key, "match", "subtree", LIST_MATCHES),
+            max_bytes=self.number(table, key, "max_bytes", DEFAULT_MAX_BYTES, 1, 2**40, integer=True),
+            max_line_bytes=self.number(table, key, "max_line_bytes", DEFAULT_MAX_LINE_BYTES, 16, 2**24, integer=True),
+            invalid_lines=self.string(table, key, "invalid_lines", "reject", LIST_INVALID_LINES),
+            url=url,
+            refresh=float(self.number(table, key, "refresh", DEFAULT_URL_REFRESH, 1, 365 * 86400)),
+            ca_file=self.path(f"{key}.ca_file", ca_file) if ca_file is not None else None,
+            sha256=sha256.lower() if sha256 is not None else None,
+            proxy=self.proxy(f"{key}.proxy", proxy) if (proxy := self.string(table, key, "proxy", None)) else None,
+        )
+        if config.ca_file is not None and not url.startswith("https://"):
+            self.error(f"{key}.ca_file", "only for an https:// URL")
+        self.check_list_keys(key, table, config)
+        return config
+
     def check_list_keys(self, key: str, table: dict[str, Any], config: ListConfig) -> None:
+        if config.url is None:
+            self.check_not_url_keys(key, table)
         if config.zone is None:
             for name in ("primaries", "tsig"):
                 if name in table:
@@ -777,6 +829,18 @@ class _Parser:
             self.error(f"{key}.action", "'zone' keeps an RPZ zone's own actions: only for RPZ lists")
         if config.zone is not None and config.format == "list":
             self.error(f"{key}.format", "a transferred zone is RPZ")
+
+    def proxy(self, key: str, text: str) -> Endpoint | None:
+        """proxy = "http://host:port": the proxy's address (port 80 when not given)."""
+        if not text.startswith("http://") or "@" in text or not text.isprintable():
+            self.error(key, f"{excerpt(text)}: expected http://host:port (an HTTP proxy, no credentials)")
+            return None
+        return self.endpoint(key, text.removeprefix("http://").rstrip("/"), 80)
+
+    def check_not_url_keys(self, key: str, table: dict[str, Any]) -> None:
+        for name in ("refresh", "ca_file", "sha256", "proxy"):
+            if name in table:
+                self.error(f"{key}.{name}", "only for a list downloaded from a URL (set url)")
 
     def zone_name(self, key: str, text: str) -> str | None:
         if text.strip(".") == "":

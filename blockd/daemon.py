@@ -62,6 +62,7 @@ from blockd.metrics import (
     Metrics,
     NullMetrics,
     UpstreamHealthCollector,
+    UrlSourceCollector,
 )
 from blockd.netlink_services import EgressAdapter, NetlinkServices, Runner, ThreadRunner, Watcher
 from blockd.notify import NotifyReceiver, NoZones
@@ -80,6 +81,8 @@ from blockd.services import DNSService, DnstapService, PidFile, QueryLogService,
 from blockd.settings import LIVE_KEYS, live_values, needs_restart
 from blockd.upstream import Upstreams
 from blockd.upstream_answer import AnswerInfo, analyze
+from blockd.url_lists import UrlLists, UrlSetupError
+from blockd.url_source import REASONS as URL_FAILURE_REASONS
 from blockd.zone_store import StoredZone
 
 _log = Logger()
@@ -222,6 +225,7 @@ class Daemon:
         self.interfaces: InterfaceNetworks | None = None
         self._build_netlink(netlink)
         self.secondaries = self._build_secondaries(stored_zones or {})
+        self.url_lists = self._build_url_lists()
         self.limits = ClientLimits(config.limits.clients)
         self.repeats = RepeatMemo()
         self.metrics.registry.register(LimitCollector(self.limits, self.repeats))
@@ -284,6 +288,8 @@ class Daemon:
             self.limits.on_flood = self.kernel_blocks.block
         if self.secondaries is not None:
             self.secondaries.setServiceParent(self.services)  # after the listeners: NOTIFY is answered
+        if self.url_lists is not None:
+            self.url_lists.setServiceParent(self.services)  # the listeners serve the copies meanwhile
         if config.metrics.listen is not None:
             admin = AdminService(reactor, config.metrics.listen, self.metrics.registry, lambda: self.ready, self.policy)
             admin.setServiceParent(self.services)
@@ -318,6 +324,22 @@ class Daemon:
         self.notify_acceptor = secondaries.notify_acceptor()
         self.metrics.registry.register(ZoneCollector(secondaries, self.policy, self.notify_acceptor))
         return secondaries
+
+    def _build_url_lists(self) -> UrlLists | None:
+        """The lists downloaded from URLs, when the config has any (they start after the listeners)."""
+        if not any(lst.url is not None for lst in self.config.lists.values()):
+            return None
+        try:
+            url_lists = UrlLists(
+                self.reactor,
+                self.config,
+                update=lambda build, done: self.reloader.update(build, done),
+                current_config=lambda: self.config,
+            )
+        except UrlSetupError as exc:
+            raise StartupError(str(exc)) from None
+        self.metrics.registry.register(UrlSourceCollector(url_lists.stats, URL_FAILURE_REASONS))
+        return url_lists
 
     def _notify_receiver(self) -> NotifyReceiver:
         return self.notify_acceptor if self.secondaries is not None else NoZones()

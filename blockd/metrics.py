@@ -548,3 +548,38 @@ class UpstreamHealthCollector(Collector):
         yield GaugeMetricFamily(
             "blockd_upstream_sockets", "UDP sockets open to the upstreams.", value=self._upstreams.open_sockets()
         )
+
+
+# -- Lists from URLs (blockd.url_lists) ------------------------------------------------------------
+
+
+class UrlSourceCollector(Collector):
+    """Each downloaded list's status, read at scrape time from blockd.url_lists.SourceStats (the
+    list name is the only label; failure reasons are blockd.url_source.REASONS)."""
+
+    def __init__(self, stats: Callable[[], Iterable[Any]], reasons: Iterable[str]):
+        self._stats = stats
+        self._reasons = tuple(reasons)
+
+    def collect(self) -> Iterable[Any]:
+        last = GaugeMetricFamily(
+            "blockd_list_source_last_success_timestamp_seconds",
+            "When a list's URL last gave a good copy or confirmed it (304); at start, the copy's age.",
+            labels=["list"],
+        )
+        failures = CounterMetricFamily(
+            "blockd_list_source_failures", "Failed downloads of a list's URL by reason.", labels=["list", "reason"]
+        )
+        size = GaugeMetricFamily("blockd_list_source_bytes", "Size of a list's last good download.", labels=["list"])
+        refresh = GaugeMetricFamily(
+            "blockd_list_source_refresh_seconds", "How often a list's URL is downloaded.", labels=["list"]
+        )
+        for stats in self._stats():
+            if stats.last_success is not None:
+                last.add_metric([stats.name], stats.last_success)
+            for reason in self._reasons:  # every reason from the start: dashboards see zeros
+                failures.add_metric([stats.name, reason], stats.failures.get(reason, 0))
+            if stats.bytes is not None:
+                size.add_metric([stats.name], stats.bytes)
+            refresh.add_metric([stats.name], stats.refresh)
+        yield from (last, failures, size, refresh)

@@ -32,6 +32,14 @@ def _transferred_lists(config: Config) -> dict[str, tuple[object, ...]]:
     return {lst.name: (lst.zone, lst.primaries, lst.tsig) for lst in config.lists.values() if lst.zone is not None}
 
 
+def _downloaded_lists(config: Config) -> dict[str, tuple[object, ...]]:
+    # A download service is built per URL at start (the copy's content reloads; max_bytes,
+    # max_line_bytes, allow_shrink and sha256 are read live).
+    return {
+        lst.name: (lst.url, lst.refresh, lst.ca_file, lst.proxy) for lst in config.lists.values() if lst.url is not None
+    }
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("upstream.servers", lambda c: c.upstream.servers, live=True),
     Setting("upstream.timeout", lambda c: c.upstream.timeout, live=True),
@@ -59,6 +67,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("groups.*.interfaces/vlans", _interface_selectors, live=False),
     Setting("server.state_dir", lambda c: c.server.state_dir, live=False),
     Setting("lists.*.zone/primaries/tsig", _transferred_lists, live=False),
+    Setting("lists.*.url/refresh/ca_file/proxy", _downloaded_lists, live=False),
     Setting("egress.enabled", lambda c: c.egress.enabled, live=False),
     Setting("egress.table", lambda c: c.egress.table, live=False),
     Setting("egress.rule_priority", lambda c: c.egress.rule_priority, live=False),

@@ -62,6 +62,9 @@ def load_source(
                 raise ListLoadError([LineError(shown, 0, "action = 'zone' needs an RPZ zone file, and this is a list")])
             parsed = parse_list(lines, shown)
     except (OSError, FileRefused) as exc:
+        if config.url is not None and isinstance(exc, FileNotFoundError):
+            # A list from a URL with no copy yet (blockd.url_lists): empty until its first download.
+            return DomainList(config.name, shown, frozenset())
         raise read_error(shown, exc, "zone file" if config.format == "rpz" else "list") from None
     return list_of(config.name, shown, parsed, signature, config.match, config.invalid_lines == "skip")
 

@@ -711,15 +711,53 @@ CASES = [
     ),
     err(
         "list-unknown-key",
-        'lists.x = {path = "x.txt", url = "https://x"}',
-        "lists.x.url: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig, "
-        "max_bytes, max_line_bytes, invalid_lines)",
+        'lists.x = {path = "x.txt", uri = "https://x"}',
+        "lists.x.uri: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig, "
+        "max_bytes, max_line_bytes, invalid_lines, url, refresh, ca_file, sha256, proxy)",
+    ),
+    err(
+        "list-url-and-path",
+        'lists.x = {path = "x.txt", url = "https://x.example/l.txt"}',
+        "lists.x.path: not with url (a list is a file, a zone from primaries or a URL)",
+    ),
+    err(
+        "list-url-not-http",
+        'lists.x = {url = "ftp://x.example/l.txt"}',
+        "lists.x.url: 'ftp://x.example/l.txt': expected an http:// or https:// URL",
+    ),
+    err(
+        "list-url-bad-pin-and-ca-for-http",
+        'lists.x = {url = "http://x.example/l.txt", sha256 = "abc", ca_file = "ca.pem"}',
+        "lists.x.sha256: expected 64 hexadecimal digits (the SHA-256 of the download)",
+        "lists.x.ca_file: only for an https:// URL",
+    ),
+    err(
+        "list-url-proxy-not-http",
+        'lists.x = {url = "https://x.example/l.txt", proxy = "socks5://10.0.0.8:1080"}',
+        "lists.x.proxy: 'socks5://10.0.0.8:1080': expected http://host:port (an HTTP proxy, no credentials)",
+    ),
+    ok(
+        "list-url-proxy",
+        'lists.x = {url = "https://x.example/l.txt", proxy = "http://10.0.0.8:3128"}',
+        "lists.x.proxy",
+        ep("10.0.0.8", 3128),
+    ),
+    err(
+        "list-refresh-without-url",
+        'lists.x = {path = "x.txt", refresh = 60}',
+        "lists.x.refresh: only for a list downloaded from a URL (set url)",
+    ),
+    ok(
+        "list-url-copy-in-state-dir",
+        'server.state_dir = "/var/lib/b"\nlists.x = {url = "https://x.example/l.txt", refresh = 3600}',
+        "lists.x",
+        ListConfig("x", Path("/var/lib/b/x.list"), url="https://x.example/l.txt", refresh=3600.0),
     ),
     err(
         "list-unknown-key-and-missing-path",
         'lists.x = {file = "x.txt"}',
         "lists.x.file: unknown key (known: path, action, allow_shrink, format, match, zone, primaries, tsig, "
-        "max_bytes, max_line_bytes, invalid_lines)",
+        "max_bytes, max_line_bytes, invalid_lines, url, refresh, ca_file, sha256, proxy)",
         "lists.x.path: set exactly one of path (a list file) or zone (an RPZ zone from primaries)",
     ),
     err(

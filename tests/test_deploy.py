@@ -76,6 +76,11 @@ ALLOWED_METRICS = frozenset(
         "blockd_zone_transfer_duration_seconds_sum",
         "blockd_zone_transfer_duration_seconds_count",
         "blockd_notify_total",
+        # Lists downloaded from URLs only.
+        "blockd_list_source_last_success_timestamp_seconds",
+        "blockd_list_source_failures_total",
+        "blockd_list_source_bytes",
+        "blockd_list_source_refresh_seconds",
         # [dnstap] on only.
         "blockd_dnstap_frames_total",
         "blockd_dnstap_collector_up",
@@ -116,7 +121,9 @@ def exported_metric_names() -> set[str]:
         ListSizeCollector,
         Metrics,
         UpstreamHealthCollector,
+        UrlSourceCollector,
     )
+    from blockd.url_lists import SourceStats
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -128,6 +135,8 @@ def exported_metric_names() -> set[str]:
     EgressMetrics(registry)
     registry.register(EgressCollector(_Counts()))
     registry.register(_zone_collector())
+    source = SourceStats("remote", 86400.0, last_success=1.0, bytes=10, failures={"network": 1})
+    registry.register(UrlSourceCollector(lambda: [source], ["network"]))
     DnstapMetrics(registry)
     return {sample.name for family in registry.collect() for sample in family.samples}
 

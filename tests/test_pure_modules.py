@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "blockd"
 
 PURE = (
     "names",
+    "url_source",
     "lists",
     "matcher",
     "prefix_table",
@@ -97,7 +98,7 @@ def test_every_module_is_classified() -> None:
         "__init__", "__main__", "admin", "cli", "daemon", "egress_service", "interface_groups", "metrics",
         "netlink", "netlink_services", "querylog", "reload", "resolver", "server", "services", "upstream",
         "transfer", "zone_store", "secondary_lists", "dnstap", "writer_thread", "kernel_filter", "kernel_blocks",
-        "sd_notify", "privileges", "kit",
+        "sd_notify", "privileges", "kit", "url_lists", "http_proxy",
     }  # fmt: skip
     found = {path.stem for path in PACKAGE.glob("*.py")}
     assert found == set(PURE) | io_modules
