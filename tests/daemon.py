@@ -115,15 +115,9 @@ class Daemon:
     def stop(self) -> int:
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        returncode = stop_process(self.process)
         self._log.close()
-        return self.process.returncode
+        return returncode
 
     def query(
         self,
@@ -140,6 +134,18 @@ class Daemon:
         return dns.query.udp(
             message, "127.0.0.1", port=self.port, source=source, timeout=timeout, ignore_trailing=False
         )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then SIGKILL after 10 s if it has not exited: its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 def rcode_name(message: dns.message.Message) -> str:

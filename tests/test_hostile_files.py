@@ -38,6 +38,7 @@ from blockd.rpz import parse_zone_file
 from blockd.sources import load_source
 from blockd.tsig_key import KeyFileError, load_key_file
 from tests.daemon import GOV, REPO, free_port
+from tests.test_querylog_unit import Counters
 
 FIFTY_MB = 50 * 1024 * 1024
 
@@ -374,19 +375,6 @@ class FillingFile:
 
     def close(self) -> None:
         self.real.close()
-
-
-class Counters:
-    def __init__(self) -> None:
-        self.errors = 0
-        self.drops = 0
-        self.lines: list[int] = []
-
-    def error(self) -> None:
-        self.errors += 1
-
-    def drop(self) -> None:
-        self.drops += 1
 
 
 class Group:

@@ -24,6 +24,7 @@ import dns.rdatatype
 import pytest
 
 from tests.daemon import GOV, OTHER, REPO, Daemon, raw_udp, rcode_name
+from tests.test_metrics import scrape
 
 FLOODER = "127.0.0.17"  # in the "flooders" group below: its blocked names are blocked
 FLOOD_GROUP = """
@@ -78,13 +79,7 @@ def rss_kib(pid: int) -> int:
 
 
 def limited(daemon: Daemon, reason: str) -> float:
-    from urllib.request import urlopen
-
-    text = urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(f'blockd_limited_total{{reason="{reason}"}}'):
-            return float(line.split()[-1])
-    raise AssertionError(f"no blockd_limited_total for {reason}")
+    return scrape(daemon)[("blockd_limited_total", (("reason", reason),))]
 
 
 # -- floods --------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import pytest
 from blockd import privileges
 from blockd.config import parse_config
 from blockd.privileges import CAP_NET_ADMIN, READ, WRITE, Account, PrivilegeError, drop_to
-from tests.daemon import REPO, free_port
+from tests.daemon import REPO, free_port, stop_process
 from tests.netns import blockd_rules, needs_netns, netns_socket, table_routes
 
 NOBODY = Account("nobody", 65534, "nogroup", 65534)
@@ -377,16 +377,7 @@ class Dropped:
         return result
 
     def stop(self) -> int:
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process) if self.process is not None else 0
 
 
 @pytest.fixture
