@@ -190,6 +190,37 @@ class DnstapConfig:
     forwarder: bool = False
 
 
+PUBLISH_KEYS = ("listen", "allow", "tsig", "notify", "zones", "journal_depth")
+PUBLISH_ZONE_KEYS = ("group", "lists", "action", "ttl")
+# What a published zone may say: RPZ has no REFUSED (a resolver would need a policy of its own).
+PUBLISH_ACTIONS = ("sinkhole", "nxdomain", "nodata", "monitor")
+# Who may transfer a published zone when [publish] allow is not set: this host only.
+DEFAULT_PUBLISH_ALLOW = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class PublishZoneConfig:
+    """[publish.zones."NAME."]: one RPZ zone rendered from a group's policy, or from lists."""
+
+    name: str  # key form, e.g. "tiktok.rpz.example"
+    group: str | None = None  # the zone says what this group gets
+    lists: tuple[str, ...] = ()  # ...or these lists with `action` (when no group is named)
+    action: str = "nxdomain"  # for lists: the RPZ action of their entries (a list's own action wins)
+    ttl: int | None = None  # the records' TTL; None: the group's ttl, or 300
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """[publish]: serve policy zones over AXFR/IXFR (blockd.publish); off unless listen is set."""
+
+    listen: Endpoint | None = None
+    allow: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in DEFAULT_PUBLISH_ALLOW)
+    tsig: Path | None = None  # when set, every transfer must be signed with this key
+    notify: tuple[Endpoint, ...] = ()
+    zones: dict[str, PublishZoneConfig] = field(default_factory=dict)
+    journal_depth: int = 20  # versions kept for IXFR (Knot's journal-max-depth default)
+
+
 @dataclass(frozen=True)
 class ListConfig:
     name: str
@@ -251,6 +282,7 @@ class Config:
     egress: EgressSettings = field(default_factory=EgressSettings)
     dnstap: DnstapConfig = field(default_factory=DnstapConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
 
 def packaged_data_dir() -> Path | None:
@@ -476,7 +508,9 @@ class _Parser:
     # -- sections ---------------------------------------------------------------------------
 
     def parse(self, data: dict[str, Any], resolv_conf: Path) -> Config:
-        known = ("server", "upstream", "metrics", "log", "cache", "lists", "groups", "egress", "dnstap", "limits")
+        known = (
+            "server", "upstream", "metrics", "log", "cache", "lists", "groups", "egress", "dnstap", "limits", "publish",
+        )  # fmt: skip
         for name in data:
             if name not in known:
                 self.error(name, f"unknown section (known: {', '.join(known)})")
@@ -490,7 +524,88 @@ class _Parser:
         egress = self.egress(data)
         dnstap = self.dnstap(data)
         limits = self.limits(data)
-        return Config(self.source, server, upstream, metrics, log, cache, lists, groups, egress, dnstap, limits)
+        publish = self.publish(data, lists, groups)
+        return Config(
+            self.source, server, upstream, metrics, log, cache, lists, groups, egress, dnstap, limits, publish
+        )
+
+    def publish(
+        self, data: dict[str, Any], lists: dict[str, ListConfig], groups: dict[str, GroupConfig]
+    ) -> PublishConfig:
+        key = "publish"
+        table = self.table(data, key, PUBLISH_KEYS)
+        if not table:
+            return PublishConfig()
+        defaults = PublishConfig()
+        listen = None
+        listen_text = self.string(table, key, "listen", None)
+        if listen_text is None:
+            self.error(f"{key}.listen", 'missing (the address secondaries transfer from, e.g. "0.0.0.0:5300")')
+        else:
+            listen = self.endpoint(f"{key}.listen", listen_text, 53)
+        allow = self.networks(table, key, "allow")
+        tsig = self.string(table, key, "tsig", None)
+        notify = tuple(
+            e for e in (self.endpoint(k, v, 53) for k, v in self.string_list(table, key, "notify") or []) if e
+        )
+        zones = self.publish_zones(table.get("zones", _MISSING), lists, groups)
+        return PublishConfig(
+            listen=listen,
+            allow=defaults.allow if allow is None else allow,
+            tsig=self.path(f"{key}.tsig", tsig) if tsig else None,
+            notify=notify,
+            zones=zones,
+            journal_depth=self.number(table, key, "journal_depth", defaults.journal_depth, 1, 1000, integer=True),
+        )
+
+    def publish_zones(
+        self, value: Any, lists: dict[str, ListConfig], groups: dict[str, GroupConfig]
+    ) -> dict[str, PublishZoneConfig]:
+        key = "publish.zones"
+        if value is _MISSING or value == {}:
+            self.error(key, 'missing (at least one zone, e.g. [publish.zones."tiktok.rpz.example."])')
+            return {}
+        if not isinstance(value, dict):
+            self.error(key, f"must be a table of zones, not {_type_name(value)}")
+            return {}
+        zones = {}
+        for text, table in value.items():
+            zone_key = f'{key}."{text}"'
+            table = self.known_keys(table, zone_key, PUBLISH_ZONE_KEYS)
+            name = self.zone_name(zone_key, text)
+            group = self.string(table, zone_key, "group", None)
+            names = tuple(item for _, item in self.string_list(table, zone_key, "lists") or [])
+            if (group is None) == (not names):
+                self.error(zone_key, "set group (the policy of a group) or lists (these lists), one of them")
+            action = self.string(table, zone_key, "action", PublishZoneConfig.action, PUBLISH_ACTIONS)
+            if "action" in table and group is not None:
+                self.error(f"{zone_key}.action", "only with lists (a group's zone has the group's actions)")
+            if group is not None and group not in groups:
+                known = ", ".join(groups) or "none"
+                self.error(f"{zone_key}.group", f"unknown group {group!r} (defined groups: {known})")
+            for index, list_name in enumerate(names):
+                if list_name not in lists:
+                    self.error(f"{zone_key}.lists[{index}]", f"unknown list {list_name!r}")
+            if action != "monitor":  # a monitor zone only says passthru
+                self.check_publishable(zone_key, groups.get(group) if group else None, names, lists)
+            if name is not None:
+                if name in zones:
+                    self.error(zone_key, f"zone {name!r} is published twice")
+                ttl = self.number(table, zone_key, "ttl", None, 0, 2**31 - 1, integer=True)
+                zones[name] = PublishZoneConfig(name, group, names, action, ttl)
+        return zones
+
+    def check_publishable(
+        self, zone_key: str, group: GroupConfig | None, names: tuple[str, ...], lists: dict[str, ListConfig]
+    ) -> None:
+        """RPZ has no REFUSED: a zone that would have to say it is refused, naming the culprit."""
+        if group is not None:
+            if group.action == "refused":
+                self.error(f"{zone_key}.group", f"group {group.name!r} answers REFUSED, which RPZ cannot express")
+            names = group.lists if group.action != "monitor" else ()
+        for list_name in names:
+            if list_name in lists and lists[list_name].action == "refused":
+                self.error(zone_key, f"list {list_name!r} answers REFUSED, which RPZ cannot express")
 
     def limits(self, data: dict[str, Any]) -> LimitsConfig:
         key = "limits"

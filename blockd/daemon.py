@@ -69,6 +69,7 @@ from blockd.notify import NotifyReceiver, NoZones
 from blockd.policy import Group, Policy, PolicyError, Verdict, build_policy
 from blockd.policy import dismantle as policy_dismantle
 from blockd.prefix_table import IPAddress
+from blockd.publish import PublishCollector, Publisher
 from blockd.querylog import QueryLog
 from blockd.reload import Reloader, build_for_reload, status_path_for
 from blockd.repeats import RepeatMemo
@@ -79,6 +80,7 @@ from blockd.secondary_lists import SecondaryLists, TransferSetupError, ZoneColle
 from blockd.server import DNSStreamFactory, StreamSettings
 from blockd.services import DNSService, DnstapService, PidFile, QueryLogService, StartupError
 from blockd.settings import LIVE_KEYS, live_values, needs_restart
+from blockd.tsig_key import KeyFileError, load_key_file, to_dnspython
 from blockd.upstream import Upstreams
 from blockd.upstream_answer import AnswerInfo, analyze
 from blockd.url_lists import UrlLists, UrlSetupError
@@ -290,6 +292,9 @@ class Daemon:
             self.secondaries.setServiceParent(self.services)  # after the listeners: NOTIFY is answered
         if self.url_lists is not None:
             self.url_lists.setServiceParent(self.services)  # the listeners serve the copies meanwhile
+        self.publisher = self._build_publisher()
+        if self.publisher is not None:
+            self.publisher.setServiceParent(self.services)
         if config.metrics.listen is not None:
             admin = AdminService(reactor, config.metrics.listen, self.metrics.registry, lambda: self.ready, self.policy)
             admin.setServiceParent(self.services)
@@ -340,6 +345,21 @@ class Daemon:
             raise StartupError(str(exc)) from None
         self.metrics.registry.register(UrlSourceCollector(url_lists.stats, URL_FAILURE_REASONS))
         return url_lists
+
+    def _build_publisher(self) -> Publisher | None:
+        """RPZ out ([publish]), when configured."""
+        settings = self.config.publish
+        if settings.listen is None:
+            return None
+        key = None
+        if settings.tsig is not None:
+            try:
+                key = to_dnspython(load_key_file(settings.tsig))
+            except KeyFileError as exc:
+                raise StartupError("; ".join(str(e) for e in exc.errors)) from None
+        publisher = Publisher(self.reactor, settings, self.config.server.state_dir, key, self.policy)
+        self.metrics.registry.register(PublishCollector(publisher))
+        return publisher
 
     def _notify_receiver(self) -> NotifyReceiver:
         return self.notify_acceptor if self.secondaries is not None else NoZones()
@@ -475,6 +495,8 @@ class Daemon:
         self._declare_series(config, policy)
         if self.egress is not None:
             self.egress.request_reconcile()
+        if self.publisher is not None:
+            self.publisher.policy_changed(policy)  # the published zones follow the snapshot that answers
 
     def _retire(self, retired: Policy, config: Config) -> None:
         """Free a replaced snapshot off the reactor thread, once no query can still use it.

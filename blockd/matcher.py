@@ -171,6 +171,10 @@ class SuffixSet:
     def __init__(self, keys: frozenset[str] | set[str]):
         self._keys = frozenset(keys)
 
+    @property
+    def keys(self) -> frozenset[str]:
+        return self._keys
+
     def contains(self, key: str) -> bool:
         if not self._keys:
             return False

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockd.classify import ClientClassifier
-from blockd.config import BLOCKING_ACTIONS, Config
+from blockd.config import BLOCKING_ACTIONS, Config, GroupConfig, PublishZoneConfig
 from blockd.egress import PrefixLoadError, load_prefix_files
 from blockd.lists import DomainList, LineError, ListLoadError
 from blockd.matcher import EXACT, DomainIndex, Match, SuffixSet
@@ -138,6 +138,8 @@ class Policy:
         prefix_sets = prefix_sets or {}
         never = PrefixTable((network, True) for network in config.egress.never) if config.egress.never else None
         self.never = never
+        self.prefix_sets = prefix_sets
+        self.builtin_lists = {lst.name: lst for lst in builtins}
         self.groups: dict[str, Group] = {}
         for group_config in config.groups.values():
             names = [n for n in group_config.lists if n in self.lists]
@@ -149,24 +151,40 @@ class Policy:
             for name in names:
                 list_actions[name] = self._list_action(group_config.action, config.lists[name].action, name)
             answer_prefixes = self._answer_prefixes(group_config.block_answer_prefixes, names, prefix_sets)
-            self.groups[group_config.name] = Group(
-                name=group_config.name,
-                action=group_config.action,
-                ttl=group_config.ttl,
-                sinkhole_a=group_config.sinkhole_ipv4.packed,
-                sinkhole_aaaa=group_config.sinkhole_ipv6.packed,
-                mask=self.index.mask_for(list_actions),
-                order=tuple(self.index.list_names.index(n) for n in list_actions),
-                list_actions=list_actions,
-                allow=SuffixSet(set(group_config.allow)),
-                answer_prefixes=answer_prefixes,
-            )
+            self.groups[group_config.name] = self._group(group_config, list_actions, answer_prefixes)
         self._blocking_groups = tuple(group for group in self.groups.values() if group.blocks and group.mask)
         self.interface_networks: Mapping[str, tuple[IPNetwork, ...]] = {}
         self._verdicts: dict[tuple[str, Match], Verdict] = {}
         self.classifier: ClientClassifier[Group] = ClientClassifier(
             config.server.allow, config.server.trusted_forwarders, self._group_networks()
         )
+
+    def _group(
+        self,
+        group_config: GroupConfig,
+        list_actions: dict[str, str],
+        answer_prefixes: PrefixTable[AnswerTrigger] | None,
+    ) -> Group:
+        return Group(
+            name=group_config.name,
+            action=group_config.action,
+            ttl=group_config.ttl,
+            sinkhole_a=group_config.sinkhole_ipv4.packed,
+            sinkhole_aaaa=group_config.sinkhole_ipv6.packed,
+            mask=self.index.mask_for(list_actions),
+            order=tuple(self.index.list_names.index(n) for n in list_actions),
+            list_actions=list_actions,
+            allow=SuffixSet(set(group_config.allow)),
+            answer_prefixes=answer_prefixes,
+        )
+
+    def zone_group(self, zone: PublishZoneConfig) -> Group:
+        """The policy of a published zone that names lists rather than a group: those lists
+        with the zone's action (a list's own action wins, as in a group), for no client."""
+        names = [n for n in zone.lists if n in self.lists]
+        settings = GroupConfig(name=f"publish:{zone.name}", action=zone.action)
+        list_actions = {name: self._list_action(zone.action, self.config.lists[name].action, name) for name in names}
+        return self._group(settings, list_actions, self._answer_prefixes((), names, {}))
 
     def _list_action(self, group_action: str, list_action: str | None, name: str) -> str:
         """What a list does for a group: a monitor group only monitors; else the list's own action
@@ -232,10 +250,20 @@ class Policy:
             verdict = self._verdicts[memo_key] = self._verdict(group, match)
         return verdict
 
+    def decide(self, group: Group, key: str) -> Verdict | None:
+        """check() without the memo, for walks over every entry (blockd.publish_zone), which
+        would only churn it; safe from a worker thread, since it changes nothing."""
+        if not group.mask:
+            return None
+        match = self.index.lookup(key, group.mask, group.order)
+        if match is None or group.allow.contains(key):
+            return None
+        return self._verdict(group, match)
+
     def _verdict(self, group: Group, match: Match) -> Verdict:
         action = group.list_actions[match.list_name]
         rule = self._rule_of(match)
-        action = _effective_action(action, rule, group.action)
+        action = effective_action(action, rule, group.action)
         listed = self.lists.get(match.list_name)
         source = "rpz" if listed is not None and listed.rpz else "list"
         rule = rule if action == "local-data" else None
@@ -269,7 +297,7 @@ class Policy:
                 trigger = prefixes.lookup(address)
                 if trigger is not None and (self.never is None or self.never.lookup(address) is None):
                     list_action = group.list_actions.get(trigger.source, group.action)
-                    action = _effective_action(list_action, trigger.rule, group.action)
+                    action = effective_action(list_action, trigger.rule, group.action)
                     rule = trigger.rule if action == "local-data" else None
                     source = "rpz" if trigger.rule is not None else "list"
                     verdict = Verdict(group, trigger.source, str(address), action, "address", rule, source)
@@ -295,7 +323,7 @@ class Policy:
         return self.never is not None and self.never.lookup(address) is not None
 
 
-def _effective_action(list_action: str, rule: Rule | None, group_action: str) -> str:
+def effective_action(list_action: str, rule: Rule | None, group_action: str) -> str:
     """The action of one entry: an RPZ passthru is an exception whatever the list's action; a
     list that keeps its zone's actions ("zone") takes the trigger's; a prefix file's verdict
     is the group's."""

@@ -337,6 +337,11 @@ _SPECIAL_TARGETS: dict[str, Rule] = {
 }
 _RULE_WIRE: dict[str, bytes] = {rule.action: _labels_wire(_key_labels(key)) for key, rule in _SPECIAL_TARGETS.items()}
 _WIRE_SPECIALS: dict[bytes, Rule] = {_RULE_WIRE[rule.action]: rule for rule in _SPECIAL_TARGETS.values()}
+
+
+def rule_wire(action: str) -> bytes:
+    """The CNAME target (wire format) of a policy action without records, e.g. b"\\0" for nxdomain."""
+    return _RULE_WIRE[action]
 _FAST_TARGETS: dict[str, Rule] = {(key + "." if key else "."): rule for key, rule in _SPECIAL_TARGETS.items()}
 
 _EXACT = "exact"
@@ -629,7 +634,7 @@ def _soa_from_wire(ttl: int, rdata: bytes) -> Soa:
     return Soa(ttl, key_from_wire_labels(mname), key_from_wire_labels(rname), serial, refresh, retry, expire, minimum)
 
 
-def _soa_wire(soa: Soa) -> bytes:
+def soa_wire(soa: Soa) -> bytes:
     return (
         _labels_wire(_key_labels(soa.mname))
         + _labels_wire(_key_labels(soa.rname))
@@ -700,7 +705,7 @@ def records(zone: PolicyZone) -> Iterator[tuple[str, int, int, bytes]]:
     """
     origin = zone.origin
     ttl = zone.soa.ttl
-    yield origin, TYPE_SOA, ttl, _soa_wire(zone.soa)
+    yield origin, TYPE_SOA, ttl, soa_wire(zone.soa)
     rule_wire = _RULE_WIRE
     for prefix, table in (("", zone.exact), ("*.", zone.below)):
         for key, rule in table.items():

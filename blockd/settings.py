@@ -64,6 +64,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log.client_ip", lambda c: c.log.client_ip, live=False),
     Setting("dnstap", lambda c: c.dnstap, live=False),
     Setting("limits", lambda c: c.limits, live=False),
+    Setting("publish", lambda c: c.publish, live=False),  # the zones' content follows the policy
     Setting("groups.*.interfaces/vlans", _interface_selectors, live=False),
     Setting("server.state_dir", lambda c: c.server.state_dir, live=False),
     Setting("lists.*.zone/primaries/tsig", _transferred_lists, live=False),

@@ -9,11 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import dns.message
 import dns.query
 import dns.rcode
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 GOV = "127.0.0.2"  # a source address inside the test government group
@@ -119,6 +122,16 @@ class Daemon:
         self._log.close()
         return returncode
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One series from the metrics listener, with exactly these labels (None when absent)."""
+        assert self.metrics_port is not None
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read()
+        wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+        for line in text.decode().splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.split()[-1])
+        return None
+
     def query(
         self,
         name: str,
@@ -134,6 +147,16 @@ class Daemon:
         return dns.query.udp(
             message, "127.0.0.1", port=self.port, source=source, timeout=timeout, ignore_trailing=False
         )
+
+
+def wait_until(check: Callable[[], object], seconds: float, what: str, log: Callable[[], str] = lambda: "") -> float:
+    """Poll check until it is true: the seconds it took; else fail the test with the log's tail."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.02)
+    pytest.fail(f"{what}: not within {seconds} s\n{log()[-3000:]}")
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> int:

@@ -45,7 +45,7 @@ RESOLV = "<resolv.conf>"
 LOCAL_RESOLV = "nameserver 127.0.0.1\n"
 
 SOCKET_FORMS = 'expected "unix:/path/to.sock" or "tcp:address:port"'
-SECTIONS = "server, upstream, metrics, log, cache, lists, groups, egress, dnstap, limits"
+SECTIONS = "server, upstream, metrics, log, cache, lists, groups, egress, dnstap, limits, publish"
 SERVER_KEYS = (
     "listen, allow, pidfile, tcp_idle_timeout, tcp_max_connections, trusted_forwarders, state_dir, "
     "nsid, version, identity, user, group"

@@ -81,6 +81,14 @@ ALLOWED_METRICS = frozenset(
         "blockd_list_source_failures_total",
         "blockd_list_source_bytes",
         "blockd_list_source_refresh_seconds",
+        # [publish] on only.
+        "blockd_publish_serial",
+        "blockd_publish_records",
+        "blockd_publish_unpublishable_entries",
+        "blockd_publish_last_change_timestamp_seconds",
+        "blockd_publish_requests_total",
+        "blockd_publish_sent_bytes_total",
+        "blockd_publish_notify_total",
         # [dnstap] on only.
         "blockd_dnstap_frames_total",
         "blockd_dnstap_collector_up",
@@ -138,7 +146,23 @@ def exported_metric_names() -> set[str]:
     source = SourceStats("remote", 86400.0, last_success=1.0, bytes=10, failures={"network": 1})
     registry.register(UrlSourceCollector(lambda: [source], ["network"]))
     DnstapMetrics(registry)
+    registry.register(_publish_collector())
     return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def _publish_collector() -> object:
+    """blockd's PublishCollector over one published zone that has been rendered and changed."""
+    from blockd.config import Endpoint, PublishConfig, PublishZoneConfig
+    from blockd.publish import PublishCollector, Publisher
+    from blockd.publish_zone import soa_for
+    from blockd.rpz import PolicyZone
+
+    zone = PublishZoneConfig("rpz.example", group="default")
+    config = PublishConfig(listen=Endpoint("127.0.0.1", 5300), zones={zone.name: zone})
+    publisher = Publisher(None, config, Path("/nonexistent"), None, lambda: None)  # type: ignore[arg-type,return-value]
+    publisher.versions[zone.name].zone = PolicyZone(zone.name, soa_for(zone.name, 300, 1))
+    publisher.changed_at[zone.name] = 1.0
+    return PublishCollector(publisher)
 
 
 def _zone_collector() -> object:

@@ -45,7 +45,7 @@ import pytest
 from dnstap_pb import dnstap_pb2 as pb
 
 from blockd.dnstap import QUEUE_LIMIT  # events kept while the collector is away
-from tests.daemon import GOV, Daemon, free_port
+from tests.daemon import GOV, Daemon, free_port, wait_until
 from tests.fakeupstream import FakeUpstream
 
 WATCH = "127.0.0.3"  # the monitor group
@@ -101,14 +101,6 @@ def need(*tools: str) -> None:
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (apt-get install fstrm-bin dnstap-ldns bind9-utils)")
 
-
-def wait_until(check: Callable[[], bool], seconds: float, what: str, log: Callable[[], str] = lambda: "") -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"{what}: not within {seconds} s\n{log()[-3000:]}")
 
 
 # -- processes --------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ them by PID.
 from __future__ import annotations
 
 import base64
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.daemon import GOV, OTHER, Daemon, free_port, rcode_name
+from tests.daemon import GOV, OTHER, Daemon, free_port, rcode_name, wait_until
 from tests.fakeupstream import FakeUpstream
 from tests.knot import KNOT_SERVER, Knot, needs_knot
 
@@ -96,22 +94,9 @@ class Site:
     directory: Path
 
     def metric(self, name: str, **labels: str) -> float | None:
-        assert self.blockd.metrics_port is not None
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.blockd.metrics_port}/metrics", timeout=5).read()
-        wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
-        for line in text.decode().splitlines():
-            if line.startswith(wanted + " "):
-                return float(line.split()[-1])
-        return None
+        assert self.blockd is not None
+        return self.blockd.metric(name, **labels)
 
-
-def wait_until(check: Callable[[], bool], seconds: float, what: str, log: Callable[[], str]) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        if check():
-            return time.monotonic() - started
-        time.sleep(0.02)
-    pytest.fail(f"{what} not within {seconds} s:\n{log()[-3000:]}")
 
 
 def answer_of(message: dns.message.Message) -> str:

@@ -39,7 +39,9 @@ def config(text: str = BASE, replace: tuple[str, str] | None = None) -> Config:
 def test_keys_are_unique_and_named_as_in_the_config() -> None:
     keys = [s.key for s in SETTINGS]
     assert len(keys) == len(set(keys))
-    sections = {"server", "upstream", "cache", "metrics", "log", "groups", "egress", "lists", "dnstap", "limits"}
+    sections = {
+        "server", "upstream", "cache", "metrics", "log", "groups", "egress", "lists", "dnstap", "limits", "publish",
+    }  # fmt: skip
     assert {key.split(".")[0] for key in keys} <= sections
 
 
