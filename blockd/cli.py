@@ -15,7 +15,7 @@ from blockd import __version__
 from blockd.config import Config, ConfigError, load_config
 from blockd.explain import ExplainError, explain, parse_qtype
 from blockd.explain import render as render_explanation
-from blockd.policy import PolicyError, build_policy, load_egress_prefixes, load_lists, load_prefix_sets
+from blockd.policy import Policy, PolicyError, build_policy, load_egress_prefixes, load_lists, load_prefix_sets
 from blockd.validator_export import FORMATS, listed_names
 from blockd.validator_export import render as render_export
 
@@ -83,7 +83,8 @@ def check_command(path: Path | None) -> int:
     if config is None:
         return 1
     lists, errors = load_lists(config)
-    errors += load_prefix_sets(config)[1]
+    prefix_sets, prefix_errors = load_prefix_sets(config)
+    errors += prefix_errors
     egress_prefixes, egress_errors = load_egress_prefixes(config)
     errors += egress_errors
     errors += key_file_errors(config)
@@ -99,7 +100,23 @@ def check_command(path: Path | None) -> int:
     if config.egress.enabled:
         files = ", ".join(str(p) for p in config.egress.prefixes) or "no prefix files"
         print(f"  egress: {len(egress_prefixes)} prefixes from {files}")
+    if config.publish.zones:
+        _print_published(Policy(config, lists, prefix_sets, egress_prefixes))
     return 0
+
+
+def _print_published(policy: Policy) -> None:
+    """What [publish] would serve: each zone rendered as the daemon renders it."""
+    from blockd.publish_journal import zone_digest
+    from blockd.publish_zone import render
+
+    for zone_config in policy.config.publish.zones.values():
+        content = render(policy, zone_config)
+        records = zone_digest(content.zone)[1]
+        line = f"  publish zone {zone_config.name}: {records} records"
+        if content.unpublishable:
+            line += f"; {content.unpublishable} entries without an RPZ form, e.g. {', '.join(content.sample)}"
+        print(line)
 
 
 def export_command(path: Path | None, fmt: str) -> int:
@@ -166,16 +183,18 @@ def _error_source(line: str) -> str:
 
 
 def key_file_errors(config: Config) -> list[str]:
-    """Every TSIG key file the transferred lists name, read as blockd run would."""
+    """Every TSIG key file the transferred lists and [publish] name, read as blockd run would."""
     from blockd.tsig_key import KeyFileError, load_key_file
 
     errors = []
-    for list_config in config.lists.values():
-        if list_config.tsig is not None:
-            try:
-                load_key_file(list_config.tsig)
-            except KeyFileError as exc:
-                errors += [str(e) for e in exc.errors]
+    paths = [lst.tsig for lst in config.lists.values() if lst.tsig is not None]
+    if config.publish.tsig is not None:
+        paths.append(config.publish.tsig)
+    for path in paths:
+        try:
+            load_key_file(path)
+        except KeyFileError as exc:
+            errors += [str(e) for e in exc.errors]
     return errors
 
 

@@ -102,6 +102,15 @@ class DomainIndex:
         self._exceptions = {index: SuffixSet(set(lst.exceptions)) for index, lst in enumerate(lists) if lst.exceptions}
         self._excepting = sum(1 << index for index in self._exceptions)
 
+    def masks_at(self, key: str) -> tuple[int, int, int]:
+        """The lists holding key as a subtree, an exact and a below-only entry (bitmasks)."""
+        return self._masks.get(key, 0), self._exact.get(key, 0), self._below.get(key, 0)
+
+    @property
+    def wildcard_suffixes(self) -> frozenset[str]:
+        """The names under which wildcard-inside-a-label entries are matched."""
+        return frozenset(self._wild)
+
     def mask_for(self, list_names: Iterable[str]) -> int:
         mask = 0
         for name in list_names:

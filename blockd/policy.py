@@ -260,6 +260,10 @@ class Policy:
             return None
         return self._verdict(group, match)
 
+    def verdict_of(self, group: Group, match: Match) -> Verdict:
+        """The verdict a match gives in a group (what check() returns once it has the match)."""
+        return self._verdict(group, match)
+
     def _verdict(self, group: Group, match: Match) -> Verdict:
         action = group.list_actions[match.list_name]
         rule = self._rule_of(match)

@@ -11,8 +11,8 @@ Pure: the caller renders and diffs (blockd.publish_zone) and passes the time.
   100 %), so it answers with the whole zone instead.
 - Across restarts the serial survives in a small state file with a digest of the content, so a
   restart with the same policy keeps its serial (secondaries see nothing to transfer), and one
-  with a changed policy moves it forward.  The digest is order-independent (a sum of per-record
-  hashes), so it is cheap to keep current from each change.
+  with a changed policy moves it forward.  The digest is order-independent (zone_digest): set
+  iteration order differs between runs.
 """
 
 from __future__ import annotations
@@ -21,25 +21,40 @@ import dataclasses
 import json
 import zlib
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blockd.publish_wire import Change, wire_serial_newer
-from blockd.publish_zone import Record, ZoneContent, difference, records
-from blockd.rpz import PolicyZone
+from blockd.publish_zone import Record, ZoneContent, difference
+from blockd.rpz import PolicyZone, Rule
 
 _MASK = 2**64 - 1
 
 
-def record_hash(record: Record) -> int:
-    owner, rtype, ttl, rdata = record
-    data = f"{owner}\0{rtype}\0{ttl}\0".encode("latin-1", "backslashreplace") + rdata
-    # Two independent 32-bit checks make one 64-bit hash: collisions are out of reach of a list edit.
-    return zlib.crc32(data) << 32 | zlib.adler32(data)
+def zone_digest(zone: PolicyZone) -> tuple[int, int]:
+    """(digest, policy records) of a zone's content, independent of order.
 
-
-def content_digest(items: Iterable[Record]) -> int:
-    return sum(map(record_hash, items)) & _MASK
+    The owners under one rule are summed as CRC-32 and Adler-32 (C-level maps over the keys,
+    about 0.5 s for 2,000,000 owners, where a hash per encoded record took 5 s), and each sum is
+    mixed with a hash of the rule and its table, so moving an owner to another rule shows.
+    """
+    total = count = 0
+    ttl = zone.soa.ttl
+    tables = (("exact", zone.exact), ("below", zone.below), ("ip", {o: r for o, r in zone.ip.values()}))
+    for label, table in tables:
+        by_rule: dict[Rule, list[str]] = {}
+        for key, rule in table.items():
+            keys = by_rule.get(rule)
+            if keys is None:
+                keys = by_rule[rule] = []
+            keys.append(key)
+        for rule, keys in by_rule.items():
+            encoded = [key.encode("utf-8", "surrogateescape") for key in keys]
+            crc = sum(map(zlib.crc32, encoded))
+            adler = sum(map(zlib.adler32, encoded))
+            seed = zlib.crc32(repr((label, rule, ttl, len(keys))).encode())
+            total += (seed * 0x9E3779B97F4A7C15 + crc * 0xFF51AFD7ED558CCD + adler) & _MASK
+            count += len(keys) * (len(rule.records) or 1)
+    return total & _MASK, count
 
 
 def next_serial(old: int, now: int) -> int:
@@ -96,11 +111,11 @@ class ZoneVersions:
     def measure(self, content: ZoneContent) -> Rendered:
         """Compare a rendering with the serving version (pure; run it in a worker thread while
         nothing installs: it reads the serving version)."""
+        digest, count = zone_digest(content.zone)
         if self.zone is None:
-            return Rendered(content, [], [], content_digest(records(content.zone)), _count(content.zone))
+            return Rendered(content, [], [], digest, count)
         removed, added = difference(self.zone, content.zone)
-        digest = (self.digest - content_digest(removed) + content_digest(added)) & _MASK
-        return Rendered(content, removed, added, digest, self.records + len(added) - len(removed))
+        return Rendered(content, removed, added, digest, count)
 
     def install(self, rendered: Rendered, saved: SavedState | None, now: int) -> Change | None:
         """Serve a measured rendering: the change, or None when nothing changed (the serial
@@ -143,7 +158,3 @@ class ZoneVersions:
 
     def saved(self) -> SavedState | None:
         return SavedState(self.zone.soa.serial, self.digest) if self.zone is not None else None
-
-
-def _count(zone: PolicyZone) -> int:
-    return sum(1 for _ in records(zone))

@@ -81,3 +81,22 @@ def test_bad_key_and_zone_files_are_named_with_their_lines(tmp_path: Path, capsy
 )
 def test_cap_per_file(limit: int, errors: list[str], expected: list[str]) -> None:
     assert cli.cap_per_file(errors, limit) == expected
+
+
+def test_published_zones_are_rendered_and_their_key_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path, "tiktok.com\np16-tiktok-*.ibyteimg.com\n")
+    config.write_text(
+        CONFIG
+        + '[publish]\nlisten = "127.0.0.1:5300"\ntsig = "publish.key"\n'
+        + '[publish.zones."rpz.gov.example."]\ngroup = "gov"\n'
+    )
+    (tmp_path / "publish.key").write_text("key broken {")
+    assert cli.main(["check", "--config", str(config)]) == 1
+    assert "publish.key:1:" in capsys.readouterr().err
+    (tmp_path / "publish.key").write_text(KEY)
+    assert cli.main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    # tiktok.com and *.tiktok.com, sinkholed (A and AAAA each; the first list wins over the RPZ
+    # file's CNAME .), and the built-in escape hatches (4 names, a CNAME for each and its *.).
+    line = "publish zone rpz.gov.example: 12 records; 1 entries without an RPZ form, e.g. p16-tiktok-*.ibyteimg.com"
+    assert line in out

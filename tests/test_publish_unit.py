@@ -33,7 +33,7 @@ from twisted.internet import task
 
 from blockd.config import Config, ConfigError, Endpoint, PublishZoneConfig, parse_config
 from blockd.policy import Group, Policy, Verdict, build_policy
-from blockd.publish_journal import SavedState, ZoneVersions, content_digest, next_serial
+from blockd.publish_journal import SavedState, ZoneVersions, next_serial, zone_digest
 from blockd.publish_notify import NOTIFY_RESULTS, RETRY_SCHEDULE, NotifySender, notify_message
 from blockd.publish_wire import MESSAGE_BUDGET, Answer, ZoneView, access_for, answer, wire_serial_newer
 from blockd.publish_zone import (
@@ -610,7 +610,7 @@ def test_incremental_digest_is_the_digest_of_the_whole_zone() -> None:
         content = content_of(names, NODATA_RULE if at % 2 else NXDOMAIN_RULE)
         installed(versions, content, NOW + at + 1)
         assert versions.zone is not None
-        assert versions.digest == content_digest(records(versions.zone))
+        assert (versions.digest, versions.records) == zone_digest(versions.zone)
         assert versions.records == sum(1 for _ in records(versions.zone))
 
 
@@ -1405,3 +1405,19 @@ def test_a_monitor_group_with_a_refusing_list_is_publishable(tmp_path: Path) -> 
 def test_a_monitor_zone_of_lists_with_a_refusing_list_is_publishable(tmp_path: Path) -> None:
     publish = config_of(tmp_path, zone_table('lists = ["refusing"]\naction = "monitor"')).publish
     assert publish.zones["tiktok.rpz.example"].action == "monitor"
+
+
+def test_the_fast_axfr_encoding_is_record_wire_of_every_record() -> None:
+    """publish_wire._trigger_records (the AXFR hot path) gives exactly the records record_wire
+    gives for publish_zone.records: escaped labels, local data, exact-only and below-only owners."""
+    from collections import Counter
+
+    from blockd.publish_wire import _trigger_records, record_wire
+    from blockd.publish_zone import records, soa_for
+    from blockd.rpz import LOCAL_DATA, NODATA_RULE, NXDOMAIN_RULE, LocalRecord, PolicyZone, Rule
+
+    garden = Rule(LOCAL_DATA, (LocalRecord(1, 60, bytes(4)), LocalRecord(28, 60, bytes(16))))
+    exact = {"a.example": NXDOMAIN_RULE, "b.c.example": garden, "top": NODATA_RULE, "we\\032ird.example": garden}
+    below = {"a.example": garden, "only-below.example": NXDOMAIN_RULE, "we\\032ird.example": NODATA_RULE}
+    zone = PolicyZone("rpz.test", soa_for("rpz.test", 300, 1), exact, below)
+    assert Counter(_trigger_records(zone)) == Counter(map(record_wire, records(zone)))
