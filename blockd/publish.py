@@ -18,7 +18,8 @@ listener answers SERVFAIL for a zone until its first rendering is done.
 
 Transfers are answered by blockd.publish_wire and written as the connection drains (a pull
 producer), one answer at a time per connection, so a slow secondary holds one message in memory,
-not the zone.  Connections are capped (MAX_CONNECTIONS) and idle ones closed after IDLE_TIMEOUT.
+not the zone.  Connections are accepted from `allow` only, capped (MAX_CONNECTIONS, and
+MAX_CONNECTIONS_PER_ADDRESS for one address) and aborted after IDLE_TIMEOUT without progress.
 
 Metrics (PublishCollector): blockd_publish_serial{zone}, blockd_publish_records{zone},
 blockd_publish_unpublishable_entries{zone}, blockd_publish_last_change_timestamp_seconds{zone},
@@ -58,7 +59,8 @@ from blockd.services import StartupError
 _log = Logger()
 
 MAX_CONNECTIONS = 64
-IDLE_TIMEOUT = 30.0  # seconds without a query or a written message
+MAX_CONNECTIONS_PER_ADDRESS = 8  # so one secondary (or one compromised host in allow) cannot take them all
+IDLE_TIMEOUT = 30.0  # seconds without a query or a written message (a reader that stopped reading too)
 MAX_QUEUED = 8  # queries waiting behind a transfer on one connection
 
 
@@ -94,6 +96,7 @@ class Publisher(service.Service):
         self.busy = False
         self.idle: defer.Deferred[None] | None = None
         self.connections = 0
+        self.per_address: dict[str, int] = {}
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -250,6 +253,26 @@ class Publisher(service.Service):
         self.ports = []
         return defer.gatherResults(stopped)
 
+    def admit(self, client: str) -> bool:
+        """A new TCP connection from client: within allow and the connection caps."""
+        if self.access.allow.lookup(parse_address(client)) is None:
+            self.requests[("other", "refused")] += 1
+            return False
+        if self.connections >= MAX_CONNECTIONS or self.per_address.get(client, 0) >= MAX_CONNECTIONS_PER_ADDRESS:
+            _log.info("publish: {client}: too many connections, closed", client=client)
+            return False
+        self.connections += 1
+        self.per_address[client] = self.per_address.get(client, 0) + 1
+        return True
+
+    def connection_closed(self, client: str) -> None:
+        self.connections -= 1
+        left = self.per_address.get(client, 1) - 1
+        if left:
+            self.per_address[client] = left
+        else:
+            self.per_address.pop(client, None)
+
     def respond(self, data: bytes, client: str, udp: bool) -> Answer:
         result = answer(data, parse_address(client), udp, self.views, self.access, int(self.wall_clock()))
         self.requests[(result.request, result.result)] += 1
@@ -304,7 +327,8 @@ class PublishStream(protocol.Protocol):
     def _idle(self) -> None:
         self.timer = None
         if self.transport is not None:
-            self.transport.loseConnection()
+            # Not loseConnection: that waits for the buffer to drain, which a stalled reader never does.
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
         self._touch()
@@ -355,7 +379,7 @@ class PublishStream(protocol.Protocol):
         self.queued.clear()
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 (Twisted API)
-        self.publisher.connections -= 1
+        self.publisher.connection_closed(self.peer)
         self.current = None
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
@@ -368,9 +392,9 @@ class PublishStreamFactory(protocol.Factory):
         self.publisher = publisher
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol | None:  # noqa: N802 (Twisted API)
-        if self.publisher.connections >= MAX_CONNECTIONS:
-            return None  # Twisted closes the connection
-        self.publisher.connections += 1
+        # None: Twisted closes the connection at once.  Outside allow, nothing is read at all.
+        if not self.publisher.admit(addr.host):
+            return None
         return PublishStream(self.publisher, addr.host)
 
 

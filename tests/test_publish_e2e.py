@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -243,6 +244,25 @@ def test_access_by_address_and_by_tsig(site: Callable[..., Site]) -> None:
         s.axfr(keyring=unknown)
     assert s.metric("blockd_publish_requests_total", type="axfr", result="notauth") == 2
     assert "AXFR of tiktok.rpz.test from 127.0.0.1: refused" in s.blockd.log()
+
+
+def test_connections_from_outside_allow_are_closed_and_a_stalled_reader_holds_up_no_one(
+    site: Callable[..., Site],
+) -> None:
+    s = site(hosts="".join(f"host{n}.example\n" for n in range(5000)))
+    with socket.create_connection(("127.0.0.1", s.publish_port), source_address=(OTHER, 0), timeout=3) as outside:
+        assert outside.recv(100) == b""  # closed at once: nothing is read from outside allow
+    # A secondary that asks for the zone and never reads keeps one connection busy, not the others.
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", s.publish_port))
+    query = dns.message.make_query(ZONE + ".", "AXFR").to_wire()
+    stalled.sendall(len(query).to_bytes(2, "big") + query)
+    try:
+        for _ in range(3):
+            assert records_of(s.axfr(), "host4999.example") == {"CNAME ."}
+    finally:
+        stalled.close()
 
 
 def test_a_big_zone_spans_many_signed_messages(site: Callable[..., Site]) -> None:

@@ -1421,3 +1421,32 @@ def test_the_fast_axfr_encoding_is_record_wire_of_every_record() -> None:
     below = {"a.example": garden, "only-below.example": NXDOMAIN_RULE, "we\\032ird.example": NODATA_RULE}
     zone = PolicyZone("rpz.test", soa_for("rpz.test", 300, 1), exact, below)
     assert Counter(_trigger_records(zone)) == Counter(map(record_wire, records(zone)))
+
+
+def test_publish_streams_admit_allow_only_cap_per_address_and_abort_when_idle(tmp_path: Path) -> None:
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from blockd.config import Endpoint, PublishConfig, PublishZoneConfig
+    from blockd.publish import IDLE_TIMEOUT, MAX_CONNECTIONS_PER_ADDRESS, Publisher, PublishStreamFactory
+
+    clock = Clock()
+    zone = PublishZoneConfig("rpz.test", group="g")
+    config = PublishConfig(listen=Endpoint("127.0.0.1", 5300), zones={zone.name: zone})
+    publisher = Publisher(clock, config, tmp_path, None, lambda: None)  # type: ignore[arg-type,return-value]
+    factory = PublishStreamFactory(publisher)
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.9", 4000)) is None  # outside allow
+    streams = [factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000 + n)) for n in range(10)]
+    assert sum(stream is not None for stream in streams) == MAX_CONNECTIONS_PER_ADDRESS
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 4000)) is not None  # another address still gets in
+    stream = streams[0]
+    assert stream is not None
+    transport = StringTransport()
+    stream.makeConnection(transport)
+    clock.advance(IDLE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting  # aborted: a reader that stopped would never let a close drain
+    stream.connectionLost(None)
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000)) is not None  # its slot is free again
