@@ -315,3 +315,45 @@ def test_daemon_refuses_the_same_list_strict(make_daemon, tmp_path: Path) -> Non
     assert "blockd exited" in message
     for line in (37, 38, 40):
         assert f"{path}:{line}: " in message, line
+
+
+# Real third-party files (tests/data/README.md: sources, commits and licences): the header and the
+# first 200 entries of the Block List Project's TikTok list, in its hosts and dnsmasq editions.
+BLP_HOSTS = DATA / "blocklistproject-tiktok.hosts"
+BLP_DNSMASQ = DATA / "blocklistproject-tiktok.dnsmasq"
+
+
+@pytest.mark.parametrize("path", [BLP_HOSTS, BLP_DNSMASQ], ids=["hosts", "dnsmasq"])
+def test_real_hosts_and_dnsmasq_lists_load_strict(tmp_path: Path, path: Path) -> None:
+    listed = load_source(_feed(tmp_path, path.read_text(), invalid_lines="reject"))
+    assert len(listed.domains) == 200 and listed.invalid_lines == 0 and listed.ignored_note() == ""
+    assert {"0pbxmo-useast2a.xzcs3zlph.com", "a.pstatp.com", "ads.tiktok.com"} <= set(listed.domains)
+    assert "api-swan.amemv.com.download.ks-cdn.com" in listed.domains  # the excerpt's last entry
+
+
+@pytest.mark.parametrize(
+    ("path", "foreign"),
+    [
+        # What hosts feeds also carry (StevenBlack's header block) and a broken entry.
+        (BLP_HOSTS, ["fe80::1%lo0 localhost", "255.255.255.255 broadcasthost", "0.0.0.0 bad_name!.example"]),
+        # A dnsmasq file of a site's own forwarding next to the blocks.
+        (BLP_DNSMASQ, ["server=/corp.example/10.0.0.1", "address=/x.example/127.0.0.1", "server=/y.example/#"]),
+    ],
+    ids=["hosts", "dnsmasq"],
+)
+def test_real_lists_with_foreign_lines_skip_with_counts_and_reject_with_file_line(
+    tmp_path: Path, path: Path, foreign: list[str]
+) -> None:
+    lines = path.read_text().splitlines()
+    for offset, line in enumerate(foreign):  # at lines 20, 41 and 62 of the result
+        lines.insert(19 + 21 * offset, line)
+    text = "\n".join(lines) + "\n"
+    skipped = load_source(_feed(tmp_path, text))
+    with pytest.raises(ListLoadError) as refused:
+        load_source(_feed(tmp_path, text, invalid_lines="reject"))
+    bad = [error.line for error in refused.value.errors]
+    assert [error.line for error in skipped.invalid_sample] == bad and skipped.invalid_lines == len(bad)
+    assert all(str(error).startswith(f"{tmp_path / 'feed.txt'}:{error.line}: ") for error in refused.value.errors)
+    understood = 200 + sum(1 for line in foreign if line.startswith("address="))
+    assert len(skipped.domains) == understood
+    assert bad == ([62] if path == BLP_HOSTS else [20, 62])  # the broken name; the two forwarding lines

@@ -21,9 +21,11 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -235,3 +237,105 @@ def test_kit_from_python_m_names_the_console_script_beside_the_interpreter(venv:
 def test_kit_refuses_a_path_systemd_would_read_differently(path: str) -> None:
     with pytest.raises(KitError, match="not an absolute path"):
         render_unit((REPO / "deploy" / "blockd.service").read_text(), Path(path))
+
+
+# --- README's install section, run -------------------------------------------------------------
+
+# The absolute paths the section names, where they start a word (not inside a relocated path).
+_RELOCATED = re.compile(r"(?<![\w/.-])(?:/opt/blockd|/root/blockd-kit|/etc/blockd|/etc/systemd/system)")
+
+
+def _readme_install_section() -> str:
+    readme = (REPO / "README.md").read_text()
+    return readme[readme.index("## Install on a resolver host") : readme.index("## Deployment")]
+
+
+def _block(section: str, marker: str) -> list[str]:
+    """The lines of the section's ```sh block that contains marker."""
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if marker in b]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def _inline(section: str, start: str) -> str:
+    (command,) = set(re.findall(rf"`({re.escape(start)}[^`]*)`", section))
+    return command
+
+
+def test_readme_install_steps_run_in_a_fresh_root(packages: Packages, tmp_path: Path) -> None:
+    """Steps 2 to 5 of README's install section, as written, with /opt, /etc and /root under a
+    temp dir: the venv (from the wheel, as the README offers), the kit, the config with the lists
+    beside it, `blockd check`, the unit and `systemd-analyze verify`.  What needs systemd as PID 1
+    (systemctl) is replaced by running the installed unit's ExecStart, then the README's dig.
+    Step 1 (useradd) is not run: it would change this machine's accounts; pipx is not installed."""
+    section = _readme_install_section()
+    root = tmp_path / "root"
+
+    def shell(line: str, cwd: Path = tmp_path) -> str:
+        if "# or a wheel: " in line:  # the offline alternative the README gives
+            line = line.split("# or a wheel: ", 1)[1]
+        line = _RELOCATED.sub(lambda m: f"{root}{m.group(0)}", line.split(" #", 1)[0])
+        return ok(run(["sh", "-ec", line], cwd=cwd, timeout=BUILD_TIMEOUT))
+
+    for directory in ("opt", "etc/systemd/system", "root"):
+        (root / directory).mkdir(parents=True)
+    for line in _block(section, "python3 -m venv"):  # step 2, in the wheel's directory
+        shell(line, cwd=packages.wheel.parent)
+    shell(_inline(section, "/opt/blockd/bin/blockd kit "))  # step 3
+    for line in _block(section, "install -d"):  # step 4
+        shell(line)
+    config = root / "etc/blockd/blockd.toml"
+    port, upstream = _edit_config(config, tmp_path)
+    shell(_inline(section, "/opt/blockd/bin/blockd check "))
+    dig = None
+    for line in _block(section, "systemd-analyze verify"):  # step 5
+        if line.startswith("systemctl"):
+            continue  # no systemd as PID 1 here: the unit's ExecStart runs below instead
+        if line.startswith("dig "):
+            dig = line
+            continue
+        shell(line)
+    unit = root / "etc/systemd/system/blockd.service"
+    command = exec_lines(unit)["ExecStart"]
+    assert command.startswith(f"{root}/opt/blockd/bin/blockd run ")
+    assert dig is not None and "0.0.0.0" in section
+    daemon = subprocess.Popen(
+        _RELOCATED.sub(lambda m: f"{root}{m.group(0)}", command).split(), stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "blockd.log").open("wb"), cwd="/",
+    )  # fmt: skip
+    try:
+        answer = ""
+        for _ in range(100):
+            asked = run(["sh", "-c", dig.split(" #", 1)[0] + f" -p {port} +time=1 +tries=1"])
+            answer = asked.stdout.strip()
+            if asked.returncode == 0 and answer:
+                break
+            time.sleep(0.1)
+        assert answer == "0.0.0.0", (tmp_path / "blockd.log").read_text()
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        upstream.close()
+
+
+def _edit_config(config: Path, tmp_path: Path) -> tuple[int, Any]:
+    """The edit README's step 4 asks for: listen, upstream and a group for this host, on loopback;
+    the pidfile, query log and state in temp dirs (systemd would create /run/blockd and friends)."""
+    from tests.daemon import free_port
+    from tests.fakeupstream import FakeUpstream
+
+    port, upstream = free_port(), FakeUpstream()
+    text = config.read_text()
+    edits = [
+        (r'^listen = \["0\.0\.0\.0:53", "\[::\]:53"\]$', f'listen = ["127.0.0.1:{port}"]'),
+        (r"^pidfile = .*$", f'pidfile = "{tmp_path}/blockd.pid"'),
+        (r"^state_dir = .*$", f'state_dir = "{tmp_path}/state"'),
+        (r"^servers = .*$", f'servers = ["{upstream.address}"]'),
+        (r'^path = "/var/log/blockd/queries\.jsonl"$', f'path = "{tmp_path}/queries.jsonl"'),
+        (r'^listen = "127\.0\.0\.1:9553"$', 'listen = ""'),
+        (r'^networks = \["10\.120\.0\.0/22"', 'networks = ["127.0.0.0/8", "10.120.0.0/22"'),
+    ]
+    for pattern, replacement in edits:
+        text, count = re.subn(pattern, replacement, text, count=1, flags=re.M)
+        assert count == 1, f"the example config has no line matching {pattern}"
+    config.write_text(text)
+    return port, upstream
