@@ -11,6 +11,7 @@ same name (policy.check), which is the promise of the published zone.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import random
 import struct
@@ -1450,3 +1451,31 @@ def test_publish_streams_admit_allow_only_cap_per_address_and_abort_when_idle(tm
     assert transport.disconnecting  # aborted: a reader that stopped would never let a close drain
     stream.connectionLost(None)
     assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000)) is not None  # its slot is free again
+
+
+def test_mutated_queries_never_raise_and_any_answer_is_a_response() -> None:
+    """The publish listener's only parser, fed 20,000 mutations of real SOA/AXFR/IXFR queries
+    (signed and not) and random bytes: every outcome is an Answer; what goes out is a response
+    to that ID, never an exception reaching the reactor."""
+
+    key = dns.tsig.Key("k", base64.b64encode(b"k" * 32).decode())
+    zones = view_of(zone_versions(["a.example", "b.example"]))
+    seeds = [query(t).to_wire() for t in ("SOA", "AXFR")] + [query("IXFR", serial=1).to_wire()]
+    seeds += [query("AXFR", key=key).to_wire()]
+    rng = random.Random(20261202)
+    for round_ in range(20_000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            choice = rng.random()
+            if choice < 0.5 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif choice < 0.75:
+                del data[rng.randrange(len(data) + 1) :]
+            else:
+                data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        if round_ % 10 == 0:
+            data = bytearray(rng.randbytes(rng.randint(0, 40)))
+        result, messages = ask(bytes(data), zones, key=key if round_ % 2 else None, udp=bool(round_ % 3))
+        assert result.request in ("soa", "axfr", "ixfr", "other")
+        for message in messages[:3]:
+            assert message[:2] == bytes(data[:2]) and message[2] & 0x80, (bytes(data), message)
