@@ -52,6 +52,9 @@ PURE = (
     "query_errors",
     "log_sampling",
     "upstream_health",
+    "publish_zone",
+    "publish_journal",
+    "publish_wire",
 )
 FORBIDDEN = ("twisted", "pyroute2", "socket", "time", "zope", "prometheus_client")
 ALLOWED_THIRD_PARTY = ("dnslib", "dns", "dnstap_pb")  # dns: dnspython; dnstap_pb: dnstap.proto compiled
@@ -98,7 +101,7 @@ def test_every_module_is_classified() -> None:
         "__init__", "__main__", "admin", "cli", "daemon", "egress_service", "interface_groups", "metrics",
         "netlink", "netlink_services", "querylog", "reload", "resolver", "server", "services", "upstream",
         "transfer", "zone_store", "secondary_lists", "dnstap", "writer_thread", "kernel_filter", "kernel_blocks",
-        "sd_notify", "privileges", "kit", "url_lists", "http_proxy",
+        "sd_notify", "privileges", "kit", "url_lists", "http_proxy", "publish", "publish_notify",
     }  # fmt: skip
     found = {path.stem for path in PACKAGE.glob("*.py")}
     assert found == set(PURE) | io_modules
