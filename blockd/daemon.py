@@ -512,7 +512,10 @@ class Daemon:
         def dismantle() -> None:
             # A query that outlived the grace (upstreams slower than the new timeout says) still
             # holds the snapshot: wait for it rather than empty the snapshot under it.
-            if self.resolver.in_flight.holds_policy(retired):
+            # So does a rendering of the published zones (blockd.publish) that started from it.
+            if self.resolver.in_flight.holds_policy(retired) or (
+                self.publisher is not None and self.publisher.holds_policy(retired)
+            ):
                 self.reactor.callLater(grace, dismantle)
                 return
             threads.deferToThread(policy_dismantle, retired, self.policy.current).addErrback(

@@ -19,7 +19,9 @@ listener answers SERVFAIL for a zone until its first rendering is done.
 Transfers are answered by blockd.publish_wire and written as the connection drains (a pull
 producer), one answer at a time per connection, so a slow secondary holds one message in memory,
 not the zone.  Connections are accepted from `allow` only, capped (MAX_CONNECTIONS, and
-MAX_CONNECTIONS_PER_ADDRESS for one address) and aborted after IDLE_TIMEOUT without progress.
+MAX_CONNECTIONS_PER_ADDRESS for one address) and aborted after IDLE_TIMEOUT without a whole
+message in or out.  At most MAX_TRANSFERS_OUT whole-zone transfers run at once (the rest get
+SERVFAIL and retry, as with BIND's transfers-out), each for at most MAX_TRANSFER_TIME.
 
 Metrics (PublishCollector): blockd_publish_serial{zone}, blockd_publish_records{zone},
 blockd_publish_unpublishable_entries{zone}, blockd_publish_last_change_timestamp_seconds{zone},
@@ -62,6 +64,8 @@ MAX_CONNECTIONS = 64
 MAX_CONNECTIONS_PER_ADDRESS = 8  # so one secondary (or one compromised host in allow) cannot take them all
 IDLE_TIMEOUT = 30.0  # seconds without a query or a written message (a reader that stopped reading too)
 MAX_QUEUED = 8  # queries waiting behind a transfer on one connection
+MAX_TRANSFERS_OUT = 10  # whole-zone transfers at once (BIND's transfers-out); more get SERVFAIL, to retry
+MAX_TRANSFER_TIME = 7200.0  # seconds one transfer may take (BIND's max-transfer-time-out: 120 minutes)
 
 
 class Publisher(service.Service):
@@ -97,6 +101,8 @@ class Publisher(service.Service):
         self.idle: defer.Deferred[None] | None = None
         self.connections = 0
         self.per_address: dict[str, int] = {}
+        self.transfers_out = 0  # whole-zone transfers being written
+        self.rendering: Policy | None = None  # the snapshot a worker thread renders from now
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -115,10 +121,19 @@ class Publisher(service.Service):
                 idle.callback(None)
             return
         self.busy = True
+        self.rendering = policy
         deferred = self.run_in_thread(self._render_all, policy)
         deferred.addCallback(self._install)
         deferred.addErrback(lambda failure: _log.failure("publishing the policy failed", failure))
-        deferred.addBoth(lambda _: self._next())
+        deferred.addBoth(self._rendered)
+
+    def _rendered(self, _: object) -> None:
+        self.rendering = None
+        self._next()
+
+    def holds_policy(self, policy: Policy) -> bool:
+        """Whether a rendering uses this snapshot (now or next): the daemon must not dismantle it."""
+        return policy is self.rendering or policy is self.pending
 
     def _render_all(self, policy: Policy) -> list[tuple[str, Rendered | None, SavedState | None]]:
         """Worker thread: every zone rendered and measured against its serving version."""
@@ -144,7 +159,13 @@ class Publisher(service.Service):
                 continue
             versions = self.versions[name]
             first = versions.zone is None
+            retired = versions.zone
             change = versions.install(rendered, saved, int(now))
+            if retired is not None and retired is not versions.zone:
+                # Freeing two million-entry dicts takes tens of milliseconds: not on the reactor
+                # (a transfer still sending the old version keeps it until it is done).
+                self.run_in_thread(_release, retired).addErrback(lambda failure: None)
+                del retired
             zone = versions.zone
             assert zone is not None
             self.views[name].zone = zone
@@ -274,8 +295,16 @@ class Publisher(service.Service):
             self.per_address.pop(client, None)
 
     def respond(self, data: bytes, client: str, udp: bool) -> Answer:
-        result = answer(data, parse_address(client), udp, self.views, self.access, int(self.wall_clock()))
+        result = answer(
+            data, parse_address(client), udp, self.views, self.access, int(self.wall_clock()),
+            clock=lambda: int(self.wall_clock()), full_transfers=self.transfers_out < MAX_TRANSFERS_OUT,
+        )  # fmt: skip
         self.requests[(result.request, result.result)] += 1
+        if result.result == "busy":
+            _log.info(
+                "publish: {request} of {zone} from {client}: {max} whole-zone transfers running, SERVFAIL",
+                request=result.request.upper(), zone=result.zone, client=client, max=MAX_TRANSFERS_OUT,
+            )  # fmt: skip
         if result.result in ("refused", "notauth", "unknown_zone") and result.request != "soa":
             _log.info(
                 "publish: {request} of {zone} from {client}: {result}",
@@ -285,6 +314,11 @@ class Publisher(service.Service):
 
     def count_sent(self, request: str, size: int) -> None:
         self.sent_bytes[request] += size
+
+
+def _release(zone: object) -> None:
+    """Runs in a worker thread, which so drops the last reference to a retired zone version."""
+    del zone
 
 
 class PublishDatagram(protocol.DatagramProtocol):
@@ -315,6 +349,8 @@ class PublishStream(protocol.Protocol):
         self.queued: deque[bytes] = deque()
         self.current: Iterator[bytes] | None = None
         self.request = "other"
+        self.full = False  # the current answer is a whole zone (it holds one of the quota)
+        self.started = 0.0
         self.timer: Any = None
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
@@ -331,11 +367,11 @@ class PublishStream(protocol.Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
-        self._touch()
-        for message in self.reader.feed(data):
+        for message in self.reader.feed(data):  # only whole messages count as activity
             if not message:
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
+            self._touch()
             self.queued.append(message)
         if len(self.queued) > MAX_QUEUED or self.reader.buffered > 65_537:
             _log.info("publish: {client} queued more than {max} queries: closed", client=self.peer, max=MAX_QUEUED)
@@ -349,12 +385,32 @@ class PublishStream(protocol.Protocol):
             result = self.publisher.respond(self.queued.popleft(), self.peer, udp=False)
             self.current = result.messages
             self.request = result.request
+            self.full = result.full
+            if self.full:
+                self.publisher.transfers_out += 1
+            self.started = self.publisher.reactor.seconds()
             self.transport.registerProducer(self, False)  # type: ignore[union-attr]
             return
         self.current = None
 
+    def _done(self) -> None:
+        """The current answer is finished or abandoned: its quota slot is free."""
+        if self.full:
+            self.full = False
+            self.publisher.transfers_out -= 1
+        self.current = None
+
     def resumeProducing(self) -> None:  # noqa: N802 (Twisted API)
         if self.current is None:
+            return
+        if self.publisher.reactor.seconds() - self.started > MAX_TRANSFER_TIME:
+            _log.info(
+                "publish: {client}: transfer longer than {max:g} s, closed", client=self.peer, max=MAX_TRANSFER_TIME
+            )
+            self._done()
+            self.queued.clear()
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.transport.abortConnection()  # type: ignore[union-attr]
             return
         try:
             message = next(self.current, None)
@@ -362,12 +418,12 @@ class PublishStream(protocol.Protocol):
             _log.failure("publish: answering {client} failed", client=self.peer)
             self.queued.clear()
             self.transport.unregisterProducer()  # type: ignore[union-attr]
-            self.current = None
+            self._done()
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         if message is None:
             self.transport.unregisterProducer()  # type: ignore[union-attr]
-            self.current = None
+            self._done()
             self._start_next()
             return
         self._touch()
@@ -375,12 +431,12 @@ class PublishStream(protocol.Protocol):
         self.transport.write(frame(message))  # type: ignore[union-attr]
 
     def stopProducing(self) -> None:  # noqa: N802 (Twisted API)
-        self.current = None
+        self._done()
         self.queued.clear()
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 (Twisted API)
         self.publisher.connection_closed(self.peer)
-        self.current = None
+        self._done()
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
 

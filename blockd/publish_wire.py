@@ -1,19 +1,22 @@
 """Zone transfers, server side: the answers to SOA, AXFR and IXFR queries for published zones.
 
-Pure: bytes in, messages out (no sockets, no clock: `now` is passed).  The records of a published
+Pure: bytes in, messages out (no sockets; the time is passed in).  The records of a published
 zone are encoded here by hand: every owner is its labels plus one compression pointer to the
-zone's name in the question (offset 12), so a message is a join of small byte strings.  Building
-dnslib or dnspython objects instead costs over 20 us a record (a 1,000,000-name zone has
-2,000,000 records; see bench/RESULTS.md "RPZ out").  The query is read with dnspython, which also
-checks its TSIG; responses are signed with dnspython's HMAC chain (RFC 8945 5.3.1: every message).
+zone's name in the question (offset 12), so a message is a join of small byte strings, and a
+rule's type, class, TTL and RDATA are encoded once (_trigger_records: 2,000,000 records in 2.1 s,
+where encoding record by record took 11.2 s; bench/RESULTS.md "RPZ out").  The query is read with
+dnspython, which also checks its TSIG; responses are signed with dnspython's HMAC chain (RFC 8945
+5.3.1: every message).  Responses to EDNS queries carry an OPT record; EDNS versions above 0 get
+BADVERS.  A message with QR set is never answered (two servers must not answer each other forever).
 
-  answer(query wire, client, zones, access, now) -> Answer: what to send, and why (for metrics)
-  Messages for a transfer are produced lazily (a generator), so a big AXFR is encoded as the
-  connection drains, never held whole in memory.
+  answer(query wire, client, zones, access, now, clock, full_transfers) -> Answer: what to send,
+  and why (for metrics).  Messages for a transfer are produced lazily (a generator), so a big
+  AXFR is encoded as the connection drains, never held whole in memory.
 
 Access (checked in this order, as BIND's allow-transfer and Knot's ACLs): the client address in
 `allow`, else REFUSED; with a key configured, a transfer must be signed with it (an unsigned one
-is REFUSED, a bad signature NOTAUTH with the TSIG error, unsigned as RFC 8945 5.3.2 says).  SOA
+is REFUSED, an unknown key or bad signature NOTAUTH with the TSIG error in an unsigned record,
+as RFC 8945 5.3.2 says, a bad time NOTAUTH signed with the server's time).  SOA
 queries need only the address (resolvers such as Unbound poll the serial unsigned); when signed,
 their answer is signed.  AXFR over UDP is FORMERR; IXFR over UDP gets the current SOA alone,
 the signal to come back over TCP (RFC 1995 2), unless the client is up to date.
@@ -59,7 +62,11 @@ MESSAGE_BUDGET = 16_000
 NS_RDATA = key_to_wire("localhost")  # a policy zone needs an apex NS to load; nothing resolves it
 
 # Outcomes, for blockd_publish_requests_total{type,result}
-RESULTS = ("ok", "up_to_date", "refused", "notauth", "formerr", "notimp", "not_loaded", "unknown_zone")
+RESULTS = (
+    "ok", "up_to_date", "refused", "notauth", "formerr", "notimp", "not_loaded", "unknown_zone", "badvers", "busy",
+)  # fmt: skip
+RCODE_BADVERS = 16  # an extended rcode: 0 in the header, 1 in OPT's extended-rcode byte
+EDNS_PAYLOAD = 1232  # what blockd's OPT advertises (as limits.max_udp_size)
 REQUEST_TYPES = ("soa", "axfr", "ixfr", "other")
 
 
@@ -102,24 +109,40 @@ class Answer:
     zone: str | None  # key form, when the question names a published zone
     messages: Iterator[bytes] = field(default_factory=lambda: iter(()))
     serial: int | None = None  # the client's serial (IXFR), for the log
+    full: bool = False  # the whole zone (AXFR, or an IXFR beyond the journal): counted against the quota
 
 
 def answer(
-    data: bytes, client: IPAddress, udp: bool, zones: Mapping[str, ZoneView], access: Access, now: int
+    data: bytes,
+    client: IPAddress,
+    udp: bool,
+    zones: Mapping[str, ZoneView],
+    access: Access,
+    now: int,
+    clock: Callable[[], int] | None = None,
+    full_transfers: bool = True,
 ) -> Answer:
-    """The response messages to one query on the publish listener."""
-    if len(data) < 12:
-        return Answer("other", "formerr", None)
+    """The response messages to one query on the publish listener.
+
+    now: the time the query arrived (TSIG checks); clock: the time each signed message is made
+    (a long transfer's last message is signed when it is sent); full_transfers: False when the
+    quota of whole-zone transfers is taken (answered SERVFAIL: the secondary retries later).
+    """
+    if len(data) < 12 or data[2] & 0x80:
+        return Answer("other", "formerr", None)  # a response is never answered: no loops between servers
     if access.allow.lookup(client) is None:
         return Answer("other", "refused", None, iter([_header_only(data, wire.RCODE_REFUSED)]))
-    query = _read_query(data, access)
+    clock = clock or (lambda: now)
+    query = _read_query(data, access, clock)
     if isinstance(query, Answer):
         return query
     question = query.question[0]
     request = _request_type(int(question.rdtype))
     key = key_from_wire_labels(list(question.name.labels[:-1]))
     view = zones.get(key)
-    signer = _Signer(access.key, query, now) if query.had_tsig and access.key is not None else None
+    signer = _Signer(access.key, query.mac or b"", clock) if query.had_tsig and access.key is not None else None
+    if query.edns > 0:  # RFC 6891 6.1.3: only version 0 exists
+        return Answer(request, "badvers", key, iter([_empty(query, RCODE_BADVERS, signer)]))
     if view is None or int(question.rdclass) != CLASS_IN:
         return Answer(request, "unknown_zone", key, iter([_empty(query, wire.RCODE_REFUSED, signer)]))
     if request == "other":
@@ -129,26 +152,29 @@ def answer(
         return Answer(request, "refused", key, iter([_empty(query, wire.RCODE_REFUSED, signer)]))
     if view.zone is None:
         return Answer(request, "not_loaded", key, iter([_empty(query, wire.RCODE_SERVFAIL, signer)]))
-    return _transfer(query, request, key, view, view.zone, udp, signer)
+    result = _transfer(query, request, key, view, view.zone, udp, signer)
+    if result.full and not full_transfers:
+        return Answer(request, "busy", key, iter([_empty(query, wire.RCODE_SERVFAIL, signer)]), result.serial)
+    return result
 
 
-def _read_query(data: bytes, access: Access) -> dns.message.Message | Answer:
+def _read_query(data: bytes, access: Access, clock: Callable[[], int]) -> dns.message.Message | Answer:
     """The query, its TSIG checked against our key; or the answer that refuses it."""
     keyring = {access.key.name: access.key} if access.key is not None else None
     try:
         query = dns.message.from_wire(data, keyring=keyring, ignore_trailing=False)
-    except dns.message.UnknownTSIGKey:
+    except (dns.message.UnknownTSIGKey, dns.tsig.BadAlgorithm):  # RFC 8945 5.2.1: both are BADKEY
         return _tsig_failure(data, TSIG_BADKEY)
-    except (dns.tsig.BadSignature, dns.tsig.BadAlgorithm):
+    except dns.tsig.BadSignature:
         return _tsig_failure(data, TSIG_BADSIG)
     except dns.tsig.BadTime:
-        return _tsig_failure(data, TSIG_BADTIME)
+        return _tsig_failure(data, TSIG_BADTIME, access.key, clock)
     except (dns.exception.DNSException, ValueError, struct.error):
         return Answer("other", "formerr", None, iter([_header_only(data, wire.RCODE_FORMERR)]))
-    if query.flags & wire.FLAG_QR:
-        return Answer("other", "formerr", None)  # a response: never answered (no loops)
-    if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
+    if query.opcode() != dns.opcode.QUERY:
         return Answer("other", "notimp", None, iter([_header_only(data, wire.RCODE_NOTIMP)]))
+    if len(query.question) != 1:
+        return Answer("other", "formerr", None, iter([_header_only(data, wire.RCODE_FORMERR)]))
     return query
 
 
@@ -171,7 +197,7 @@ def _transfer(
     if request == "axfr":
         if udp:  # a transfer needs TCP (RFC 5936 4.2)
             return Answer(request, "formerr", key, iter([_empty(query, wire.RCODE_FORMERR, signer)]))
-        return Answer(request, "ok", key, writer.encoded(_full(zone)))
+        return Answer(request, "ok", key, writer.encoded(_full(zone)), full=True)
     serial = _client_serial(query)
     if serial is None:
         return Answer(request, "formerr", key, iter([_empty(query, wire.RCODE_FORMERR, signer)]))
@@ -182,7 +208,7 @@ def _transfer(
         return Answer(request, "ok", key, writer.messages([_soa_record(zone.soa)]), serial)
     changes = view.changes_since(serial)
     if changes is None:  # beyond the journal: the whole zone, as an IXFR answer may be (RFC 1995 4)
-        return Answer(request, "ok", key, writer.encoded(_full(zone)), serial)
+        return Answer(request, "ok", key, writer.encoded(_full(zone)), serial, full=True)
     return Answer(request, "ok", key, writer.messages(_incremental(zone.soa, changes)), serial)
 
 
@@ -310,21 +336,23 @@ _tsig_sign: Callable[..., tuple[Any, object]] = dns.tsig.sign
 
 
 class _Signer:
-    """TSIG on every response message of one exchange, each MAC covering the previous one."""
+    """TSIG on every response message of one exchange, each MAC covering the previous one, each
+    stamped when it is made (a secondary checks every message's time against its fudge)."""
 
-    def __init__(self, key: dns.tsig.Key, query: dns.message.Message, now: int):
+    def __init__(self, key: dns.tsig.Key, request_mac: bytes, clock: Callable[[], int]):
         self.key = key
-        self.request_mac = query.mac
-        self.now = now
+        self.request_mac = request_mac
+        self.clock = clock
         self.ctx: object = None
         self.owner = _name_wire(key.name)
 
-    def sign(self, message: bytes, error: int = 0) -> bytes:
+    def sign(self, message: bytes, error: int = 0, other: bytes = b"") -> bytes:
         query_id = struct.unpack_from("!H", message)[0]
+        now = self.clock()
         template = _tsig_rdata(
-            dns.rdataclass.ANY, dns.rdatatype.TSIG, self.key.algorithm, self.now, FUDGE, b"", query_id, error, b""
+            dns.rdataclass.ANY, dns.rdatatype.TSIG, self.key.algorithm, now, FUDGE, b"", query_id, error, other
         )
-        tsig, self.ctx = _tsig_sign(message, self.key, template, self.now, self.request_mac, self.ctx, True)
+        tsig, self.ctx = _tsig_sign(message, self.key, template, now, self.request_mac, self.ctx, True)
         fixed = self.owner + struct.pack("!HHI", TYPE_TSIG, CLASS_ANY, 0)
         return _with_additional(message, fixed, cast(bytes, tsig.to_wire()))
 
@@ -350,6 +378,7 @@ class _Writer:
         self.question = _question_wire(query.question[0])
         # QR and AA, RD copied (RFC 5936 2.2.1), opcode QUERY.
         self.flags = wire.FLAG_QR | wire.FLAG_AA | (query.flags & wire.FLAG_RD)
+        self.opt = _opt(query, 0)
 
     def messages(self, answers: Iterable[Record], authority: Iterable[Record] = ()) -> Iterator[bytes]:
         """Answer records packed into messages of at most MESSAGE_BUDGET bytes (authority records
@@ -372,16 +401,26 @@ class _Writer:
         yield self._message(parts + extra, count, len(extra))
 
     def _message(self, parts: list[bytes], answers: int, authority: int = 0) -> bytes:
-        header = struct.pack("!HHHHHH", self.query.id, self.flags, 1, answers, authority, 0)
-        message = header + self.question + b"".join(parts)
+        header = struct.pack("!HHHHHH", self.query.id, self.flags, 1, answers, authority, 1 if self.opt else 0)
+        message = header + self.question + b"".join(parts) + self.opt
         return self.signer.sign(message) if self.signer is not None else message
+
+
+def _opt(query: dns.message.Message, rcode: int) -> bytes:
+    """The OPT record a response to an EDNS query must carry (RFC 6891 7), with the upper bits of
+    an extended rcode; b"" for a query without EDNS."""
+    if query.edns < 0:
+        return b""
+    return b"\x00" + struct.pack("!HHIH", 41, EDNS_PAYLOAD, (rcode >> 4) << 24, 0)
 
 
 def _empty(query: dns.message.Message, rcode: int, signer: _Signer | None) -> bytes:
     question = query.question[0] if query.question else None
     body = _question_wire(question) if question is not None else b""
-    flags = wire.FLAG_QR | (query.flags & wire.FLAG_RD) | (query.opcode() << 11) | rcode
-    message = struct.pack("!HHHHHH", query.id, flags, 1 if question is not None else 0, 0, 0, 0) + body
+    flags = wire.FLAG_QR | (query.flags & wire.FLAG_RD) | (query.opcode() << 11) | (rcode & 0xF)
+    opt = _opt(query, rcode)
+    counts = (1 if question is not None else 0, 0, 0, 1 if opt else 0)
+    message = struct.pack("!HHHHHH", query.id, flags, *counts) + body + opt
     return signer.sign(message) if signer is not None else message
 
 
@@ -390,8 +429,12 @@ def _header_only(data: bytes, rcode: int) -> bytes:
     return wire.header_only_response(query_id, flags, rcode)
 
 
-def _tsig_failure(data: bytes, error: int) -> Answer:
-    """NOTAUTH with the TSIG error in an unsigned TSIG record (RFC 8945 5.3.2), the question kept."""
+def _tsig_failure(
+    data: bytes, error: int, key: dns.tsig.Key | None = None, clock: Callable[[], int] | None = None
+) -> Answer:
+    """NOTAUTH with the TSIG error, the question kept: in an unsigned TSIG record for a key or MAC
+    the server cannot trust (RFC 8945 5.3.2); signed, with the server's time in Other Data, for
+    a time outside the fudge (5.2.3), so the client can trust it and see the skew."""
     query_id, flags = struct.unpack_from("!HH", data)
     try:
         query = dns.message.from_wire(data, keyring=False)  # read it without checking the signature
@@ -403,6 +446,11 @@ def _tsig_failure(data: bytes, error: int) -> Answer:
     response_flags = wire.FLAG_QR | (flags & (wire.OPCODE_MASK | wire.FLAG_RD)) | RCODE_NOTAUTH
     message = struct.pack("!HHHHHH", query_id, response_flags, 1 if question is not None else 0, 0, 0, 0) + body
     tsig = query.tsig[0] if query.tsig else None
+    zone = key_from_wire_labels(list(question.name.labels[:-1])) if question is not None else None
+    if error == TSIG_BADTIME and key is not None and clock is not None and tsig is not None:
+        now = clock()
+        signed = _Signer(key, tsig.mac, clock).sign(message, error, struct.pack("!Q", now)[2:])
+        return Answer(request, "notauth", zone, iter([signed]))
     if tsig is not None and query.keyname is not None:
         rdata = _tsig_rdata(
             dns.rdataclass.ANY, dns.rdatatype.TSIG, tsig.algorithm, tsig.time_signed, tsig.fudge, b"", query_id,
@@ -410,5 +458,4 @@ def _tsig_failure(data: bytes, error: int) -> Answer:
         )  # fmt: skip
         fixed = _name_wire(query.keyname) + struct.pack("!HHI", TYPE_TSIG, CLASS_ANY, 0)
         message = _with_additional(message, fixed, cast(bytes, rdata.to_wire()))
-    zone = key_from_wire_labels(list(question.name.labels[:-1])) if question is not None else None
     return Answer(request, "notauth", zone, iter([message]))

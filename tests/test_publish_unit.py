@@ -1479,3 +1479,122 @@ def test_mutated_queries_never_raise_and_any_answer_is_a_response() -> None:
         assert result.request in ("soa", "axfr", "ixfr", "other")
         for message in messages[:3]:
             assert message[:2] == bytes(data[:2]) and message[2] & 0x80, (bytes(data), message)
+
+
+# --- review fixes: loops, EDNS, per-message TSIG time, the transfer quota, BADTIME --------------
+
+
+def test_a_response_is_never_answered_even_from_outside_allow_or_badly_signed() -> None:
+    zones = view_of(zone_versions(["a.example"]))
+    refusal = bytearray(query("SOA").to_wire())
+    refusal[2] |= 0x80  # QR: someone's answer (a spoofed one, or another server's REFUSED)
+    for client in ("127.0.0.1", "192.0.2.99"):
+        result, messages = ask(bytes(refusal), zones, key=KEY, client=client)
+        assert messages == [] and result.result == "formerr"
+    signed = bytearray(query("AXFR", key=OTHER_KEY).to_wire())
+    signed[2] |= 0x80
+    assert ask(bytes(signed), zones, key=KEY)[1] == []
+
+
+def test_edns_queries_get_an_opt_record_and_other_versions_badvers() -> None:
+    zones = view_of(zone_versions([f"n{i}.example" for i in range(600)]))
+    for qtype in ("SOA", "AXFR"):
+        sent = query(qtype)
+        sent.use_edns(0, payload=4096)
+        _, messages = ask(sent, zones)
+        assert all(message.edns == 0 for message in parsed(messages)), qtype
+    plain = parsed(ask(query("SOA"), zones)[1])
+    assert plain[0].edns == -1  # no OPT for a query without one
+    future = query("SOA")
+    future.use_edns(1)
+    result, messages = ask(future, zones)
+    (message,) = parsed(messages)
+    assert result.result == "badvers" and message.rcode() == dns.rcode.BADVERS and message.edns == 0
+
+
+def test_a_signed_transfer_stamps_each_message_when_it_is_made() -> None:
+    versions = zone_versions([f"n{i}.example" for i in range(800)])
+    sent = query("AXFR", key=KEY)
+    sent.to_wire()
+    ticks = iter(range(int(time.time()), int(time.time()) + 10_000))
+    access = access_for([ipaddress.ip_network("127.0.0.0/8")], KEY)
+    now = int(time.time())
+    result = answer(sent.to_wire(), ipaddress.ip_address("127.0.0.1"), False, view_of(versions), access, now,
+                    clock=lambda: next(ticks))  # fmt: skip
+    messages = list(result.messages)
+    times = [dns.message.from_wire(m, keyring=False).tsig[0].time_signed for m in messages]  # type: ignore[index]
+    assert len(messages) > 2 and times == sorted(times) and len(set(times)) == len(times)
+    verify_signed_stream(sent, messages[:1])  # within the fudge: the chain still verifies
+
+
+def test_whole_zone_transfers_beyond_the_quota_are_servfail_and_incremental_ones_are_not() -> None:
+    versions = zone_versions(["a.example"])
+    installed(versions, content_of(["a.example", "b.example"]), NOW + 10)
+    access = access_for([ipaddress.ip_network("127.0.0.0/8")], None)
+    client = ipaddress.ip_address("127.0.0.1")
+
+    def ask_busy(message: dns.message.Message) -> Answer:
+        return answer(message.to_wire(), client, False, view_of(versions), access, NOW, full_transfers=False)
+
+    busy = ask_busy(query("AXFR"))
+    (message,) = parsed(list(busy.messages))
+    assert busy.result == "busy" and message.rcode() == dns.rcode.SERVFAIL
+    assert ask_busy(query("IXFR", serial=NOW)).result == "ok"  # from the journal: small, never queued
+    assert ask_busy(query("IXFR", serial=12345)).result == "busy"  # beyond it: the whole zone
+    assert ask_busy(query("SOA")).result == "ok"
+    assert answer(query("AXFR").to_wire(), client, False, view_of(versions), access, NOW).full
+
+
+def test_a_bad_time_is_notauth_signed_with_the_servers_time() -> None:
+    import dns.rdtypes.ANY.TSIG
+
+    from blockd.publish_wire import _with_additional
+
+    # A query signed an hour ago: outside the 300 s fudge, its MAC right.
+    wire = dns.message.make_query(ZONE + ".", "AXFR").to_wire()
+    then = int(time.time()) - 3600
+    template = dns.rdtypes.ANY.TSIG.TSIG(
+        dns.rdataclass.ANY, dns.rdatatype.TSIG, KEY.algorithm, then, 300, b"", 1, 0, b""
+    )
+    tsig, _ = dns.tsig.sign(wire, KEY, template, then, None, None, False)  # type: ignore[no-untyped-call]
+    data = _with_additional(wire, KEY.name.to_wire() + struct.pack("!HHI", 250, 255, 0), tsig.to_wire())
+    result, messages = ask(data, view_of(zone_versions(["a.example"])), key=KEY)
+    assert result.result == "notauth"
+    message = dns.message.from_wire(messages[0], keyring=False)
+    assert message.rcode() == dns.rcode.NOTAUTH and message.tsig is not None
+    answered = message.tsig[0]
+    assert answered.error == 18 and answered.mac != b""  # BADTIME, signed (RFC 8945 5.2.3)
+    assert abs(int.from_bytes(answered.other, "big") - int(time.time())) < 60  # the server's time
+
+
+def test_more_than_one_question_is_formerr() -> None:
+    data = bytearray(query("SOA").to_wire())
+    data[5] = 2  # QDCOUNT 2, with one question present
+    result, messages = ask(bytes(data), view_of(zone_versions(["a.example"])))
+    assert result.result == "formerr" and dns.message.from_wire(messages[0]).rcode() == dns.rcode.FORMERR
+
+
+def test_a_rendering_in_progress_holds_its_policy_against_dismantling(tmp_path: Path) -> None:
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from blockd.config import Endpoint, PublishConfig, PublishZoneConfig
+    from blockd.publish import Publisher
+
+    started: list[defer.Deferred[object]] = []
+
+    def in_thread(function: object, *args: object) -> defer.Deferred[object]:
+        started.append(defer.Deferred())
+        return started[-1]
+
+    zone = PublishZoneConfig("rpz.test", group="g")
+    config = PublishConfig(listen=Endpoint("127.0.0.1", 5300), zones={zone.name: zone})
+    publisher = Publisher(Clock(), config, tmp_path, None, lambda: None, run_in_thread=in_thread)  # type: ignore[arg-type,return-value]
+    first, second = object(), object()
+    publisher.policy_changed(first)  # type: ignore[arg-type]
+    publisher.policy_changed(second)  # type: ignore[arg-type]  # waits for the first rendering
+    assert publisher.holds_policy(first) and publisher.holds_policy(second)  # type: ignore[arg-type]
+    started[0].callback([])
+    assert not publisher.holds_policy(first) and publisher.holds_policy(second)  # type: ignore[arg-type]
+    started[1].callback([])
+    assert not publisher.holds_policy(second)  # type: ignore[arg-type]
