@@ -142,8 +142,9 @@ def snapshot_blockd(tmp: Path, lists: tuple[str, ...]) -> Snapshot:
     sys.path.insert(0, str(root))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     digest = hashlib.sha256()
-    for path in sorted((root / "blockd").glob("*.py")):
+    for path in sorted([*(root / "blockd").glob("*.py"), *(root / "blockd").glob("*.c")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    compiled = any((root / "blockd").glob("_dnstap_fast*.so"))
     probe = subprocess.run(
         [sys.executable, "-c", "import blockd; print(blockd.__file__)"], capture_output=True, text=True, cwd=root
     )
@@ -156,8 +157,9 @@ def snapshot_blockd(tmp: Path, lists: tuple[str, ...]) -> Snapshot:
     fingerprint = (
         f"git {git.stdout.strip() or '?'}"
         + (" + uncommitted changes in blockd/" if dirty.stdout.strip() else "")
-        + f", copied at the start of the run (sha256 of blockd/*.py {digest.hexdigest()[:12]}); "
-        "every blockd process of the run used that copy"
+        + f", copied at the start of the run (sha256 of blockd/*.py and *.c {digest.hexdigest()[:12]}; the C "
+        + ("dnstap loop built" if compiled else "dnstap loop NOT built: its Python fallback ran")
+        + "); every blockd process of the run used that copy"
     )
     return Snapshot(root, fingerprint)
 

@@ -5,6 +5,7 @@ collector on a unix socket (no sleeps: the sink is flushed by the test, its cloc
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -600,6 +601,16 @@ def test_the_stream_is_the_frames_of_the_payloads(
     assert stream == b"".join(expected)
 
 
+def test_the_c_encoder_is_built_where_ci_builds_blockd() -> None:
+    """.ci/run installs blockd with a compiler there: the C loop must have been built, not silently
+    skipped (it is optional only for installs without one)."""
+    import blockd.dnstap_frames
+
+    if os.environ.get("CI") != "true":
+        pytest.skip("CI only: a developer's checkout may lack the compiled module")
+    assert blockd.dnstap_frames._fast is not None
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     clients=st.lists(hosts, min_size=1, max_size=2),
@@ -623,8 +634,8 @@ def test_repeats_are_streamed_as_client_stream_would(
     with_query: bool,
     ids: list[bytes],
 ) -> None:
-    """Repeated blocked queries, encoded column by column from kept parts (twice, so the second
-    batch finds them kept), give the bytes client_stream builds field by field."""
+    """Repeated blocked queries, encoded from kept parts (twice, so the second batch finds them
+    kept), in C and in Python, give the bytes client_stream builds field by field."""
     repeats = [BlockedRepeat(tail, BLOCKED, "tiktok.com", ("", ""), ([0], [0]), question) for question in questions]
     facts = policy_facts(BLOCKED)
     assert facts is not None
@@ -637,6 +648,8 @@ def test_repeats_are_streamed_as_client_stream_would(
         slow.client_stream(c, p, t, q + r.query_tail, q + r.answer_tail, w, w, facts, with_query)
         for c, p, t, q, r, w in events
     )
-    fast = PayloadEncoder(b"id", b"v")
-    for _ in range(2):
-        assert fast.repeat_streams(events, lambda v: facts, with_query) == expected
+    for in_c in (True, False):  # blockd/_dnstap_fast.c (when built) and the Python loop
+        fast = PayloadEncoder(b"id", b"v")
+        fast.fast = in_c
+        for _ in range(2):
+            assert fast.repeat_streams(events, lambda v: facts, with_query) == expected

@@ -69,8 +69,8 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
     source = work / "source"
     shutil.copytree(
         REPO, source,
-        ignore=shutil.ignore_patterns(".git", "*.egg-info", "__pycache__", "build", "dist", ".*_cache", ".hypothesis",
-                                      "bench", "tests"),
+        ignore=shutil.ignore_patterns(".git", "*.egg-info", "__pycache__", "*.so", "build", "dist", ".*_cache",
+                                      ".hypothesis", "bench", "tests"),
     )  # fmt: skip
     dist = work / "dist"
     build_sdist = f"from setuptools import build_meta; print(build_meta.build_sdist({str(dist)!r}))"
