@@ -61,11 +61,13 @@ needs_named = pytest.mark.skipif(
     not os.access(NAMED, os.X_OK), reason="BIND is not installed (apt-get install bind9): named is needed"
 )
 
-UNBOUND_CONF = """\
+# Every test's Unbound: on loopback, in the foreground, as root, every file in its temp dir, the
+# 127.0.0.1 upstream allowed (Unbound skips localhost servers by default) and the RFC 6761 "test."
+# names the tests use resolved rather than answered by Unbound itself.  Format with port= and dir=.
+UNBOUND_SERVER = """\
 server:
     interface: 127.0.0.1
     port: {port}
-    num-threads: 1
     do-daemonize: no
     use-syslog: no
     verbosity: 1
@@ -75,8 +77,12 @@ server:
     pidfile: "{dir}/unbound.pid"
     access-control: 127.0.0.0/8 allow
     do-not-query-localhost: no
-    module-config: "respip validator iterator"
     local-zone: "test." nodefault
+"""
+
+UNBOUND_CONF = UNBOUND_SERVER + """\
+    num-threads: 1
+    module-config: "respip validator iterator"
 remote-control:
     control-enable: yes
     control-interface: "{dir}/unbound.sock"

@@ -32,6 +32,7 @@ import pytest
 
 from tests.daemon import REPO, Daemon, free_port
 from tests.knot import KNOT_SERVER, KNOTD, needs_knot
+from tests.rpz_secondaries import UNBOUND_SERVER
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
 DELV = shutil.which("delv")
@@ -88,24 +89,11 @@ lists = ["test"]
 action = "sinkhole"
 """
 
-UNBOUND_CONF = """\
-server:
-    interface: 127.0.0.1
-    port: {port}
-    do-daemonize: no
-    use-syslog: no
+UNBOUND_CONF = UNBOUND_SERVER + """\
     logfile: "{dir}/unbound.log"
-    verbosity: 1
-    username: ""
-    chroot: ""
-    directory: "{dir}"
-    pidfile: "{dir}/unbound.pid"
-    access-control: 127.0.0.0/8 allow
-    do-not-query-localhost: no
     module-config: "validator iterator"
     trust-anchor: "{anchor}"
     val-log-level: 2
-    local-zone: "test." nodefault  # Unbound answers RFC 6761 "test." itself unless told not to
 {extra}
 forward-zone:
     name: "."
