@@ -30,12 +30,8 @@ FORGED_A = "203.0.113.66"
 class FakeUpstream:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host = host
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((host, port))
+        self.udp, self.tcp = self._bind(host, port)
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((host, self.port))
         self.tcp.listen(64)
         self.records: dict[str, list[RR]] = {}
         self.responders: dict[str, Callable[[DNSRecord, str], DNSRecord | None]] = {}
@@ -49,6 +45,26 @@ class FakeUpstream:
         ]
         for thread in self.threads:
             thread.start()
+
+    @staticmethod
+    def _bind(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+        """UDP and TCP on one port.  With port 0 the kernel picks a free UDP port, which a TCP
+        connection (a test's client, a transfer) may hold as its local port: then try another."""
+        for _ in range(50):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind((host, port))
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((host, udp.getsockname()[1]))
+            except OSError:
+                udp.close()
+                tcp.close()
+                if port:
+                    raise
+                continue
+            return udp, tcp
+        raise OSError(f"no port free for both UDP and TCP on {host}")
 
     @property
     def address(self) -> str:
